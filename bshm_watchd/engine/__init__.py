@@ -1,0 +1,1 @@
+"""Matting engine: models behind one Protocol, run by onnxruntime / LiteRT / torch / TensorFlow."""

@@ -1,0 +1,242 @@
+"""One scan through the stages: decode → analysis copy → matting → refine/upsample → delivery → write.
+
+The stages are plain functions over plain data so the same code runs in one process (``process``,
+tests) or split across worker processes and a GPU batcher (``bench``, the daemon).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from bshm_watchd import PIPELINE_VERSION, __version__
+from bshm_watchd.config import OutputsSpec, Profile
+from bshm_watchd.decode import Decoded, decode_bytes, to_8bit
+from bshm_watchd.engine.base import RGB8, Alpha, Matter
+from bshm_watchd.errors import ScanError
+from bshm_watchd.fsutil import atomic_path, write_bytes_atomic
+from bshm_watchd.refine import F32, grey01, upsample_matte
+from bshm_watchd.steps import apply_steps
+
+Matte8 = npt.NDArray[Any]
+"""H×W uint8 matte."""
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage for one scan."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000.0
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in self.ms.items()}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded scan and the bounded analysis copy the model will see."""
+
+    decoded: Decoded
+    analysis: RGB8
+    guide: F32
+    """Grey guide at analysis size, from the scan itself (not the analysis steps' output)."""
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    fg: Path
+    matte: Path
+    composite: Path
+    sidecar: Path
+
+    @classmethod
+    def for_base(cls, base: Path) -> OutputPaths:
+        """``base`` is ``out_dir/relative/parent/stem``."""
+        return cls(
+            fg=base.with_name(base.name + "_fg.png"),
+            matte=base.with_name(base.name + "_matte.png"),
+            composite=base.with_name(base.name + "_composite.png"),
+            sidecar=base.with_name(base.name + ".json"),
+        )
+
+    def enabled(self, outputs: OutputsSpec) -> list[Path]:
+        wanted = [(outputs.foreground, self.fg), (outputs.matte, self.matte),
+                  (outputs.composite is not None, self.composite), (outputs.sidecar, self.sidecar)]
+        return [p for on, p in wanted if on]
+
+
+def bounded_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def prepare(decoded: Decoded, profile: Profile, timings: Timings) -> Prepared:
+    with timings.stage("analysis"):
+        rgb8 = to_8bit(decoded.rgb)
+        w, h = decoded.size
+        sw, sh = bounded_size(w, h, profile.matting.max_side)
+        small = rgb8 if (sw, sh) == (w, h) else cv2.resize(rgb8, (sw, sh), interpolation=cv2.INTER_AREA)
+        guide = grey01(small)
+        try:
+            analysis = apply_steps(np.ascontiguousarray(small), profile.analysis)
+        except cv2.error as exc:
+            raise ScanError(f"analysis step failed: {exc}", stage="analysis") from exc
+    return Prepared(decoded=decoded, analysis=analysis, guide=guide)
+
+
+def finish_matte(prepared: Prepared, alpha: Alpha, profile: Profile, timings: Timings) -> Matte8:
+    """Full-size 8-bit matte (multiplied by the scan's own alpha, if it had one)."""
+    if alpha.shape != prepared.analysis.shape[:2]:
+        raise ScanError(f"model returned alpha {alpha.shape}, expected {prepared.analysis.shape[:2]}",
+                        stage="matting")
+    with timings.stage("refine"):
+        matte = upsample_matte(alpha, prepared.guide, prepared.decoded.rgb, edge_aware=profile.matting.refine)
+        if prepared.decoded.alpha is not None:
+            matte = (matte.astype(np.float32) * prepared.decoded.alpha + 0.5).astype(np.uint8)
+    return matte
+
+
+def render_foreground(decoded: Decoded, matte: Matte8, profile: Profile) -> npt.NDArray[Any]:
+    """BGRA array for cv2: the delivered pixels with the matte as alpha, RGB zeroed where alpha is 0.
+
+    A 16-bit scan gives a 16-bit cut-out (alpha = matte·257, so alpha >> 8 == matte) unless delivery
+    steps are configured: those work in 8 bits and then the cut-out is 8-bit.
+    """
+    rgb: npt.NDArray[Any] = decoded.rgb
+    if profile.delivery:
+        rgb = apply_steps(to_8bit(decoded.rgb), profile.delivery)
+    h, w = matte.shape
+    out = np.empty((h, w, 4), dtype=rgb.dtype)
+    out[..., 0] = rgb[..., 2]
+    out[..., 1] = rgb[..., 1]
+    out[..., 2] = rgb[..., 0]
+    out[..., 3] = matte if rgb.dtype == np.uint8 else matte.astype(np.uint16) * 257
+    # Zeroed RGB under alpha 0: smaller, faster PNGs, and no hidden background pixels leak out.
+    out[matte == 0, :3] = 0
+    return out
+
+
+def composite_over(decoded: Decoded, matte: Matte8, backdrop: str) -> npt.NDArray[Any]:
+    """BGR 8-bit composite of the cut-out over a colour or a backdrop image."""
+    rgb = to_8bit(decoded.rgb).astype(np.float32)
+    h, w = matte.shape
+    colours = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
+    if backdrop in colours:
+        bg = np.empty_like(rgb)
+        bg[...] = colours[backdrop]
+    elif backdrop.startswith("#"):
+        bg = np.empty_like(rgb)
+        bg[...] = tuple(int(backdrop[i:i + 2], 16) for i in (1, 3, 5))
+    else:
+        img = cv2.imread(backdrop, cv2.IMREAD_COLOR)
+        if img is None:
+            raise ScanError(f"composite backdrop {backdrop} cannot be read", stage="write")
+        bg = cv2.cvtColor(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB).astype(np.float32)
+    a = (matte.astype(np.float32) / 255.0)[..., None]
+    comp = np.clip(rgb * a + bg * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
+    out: npt.NDArray[Any] = cv2.cvtColor(comp, cv2.COLOR_RGB2BGR)
+    return out
+
+
+def write_png(path: Path, arr: npt.NDArray[Any], compression: int) -> None:
+    """Durable PNG write: temp beside the final name, fsync, rename, fsync the folder."""
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            if not cv2.imwrite(str(tmp), arr, [cv2.IMWRITE_PNG_COMPRESSION, compression]):
+                raise ScanError(f"cannot encode {path.name}", stage="write")
+    except OSError as exc:
+        raise ScanError(f"cannot write {path}: {exc.strerror or exc}", stage="write",
+                        transient=True) from exc
+
+
+@dataclass(frozen=True)
+class ScanMeta:
+    """What the sidecar records besides the timings."""
+
+    source: str
+    sha256: str | None
+    model: str
+    profile: str
+
+
+def write_outputs(
+    paths: OutputPaths,
+    decoded: Decoded,
+    matte: Matte8,
+    profile: Profile,
+    meta: ScanMeta,
+    timings: Timings,
+) -> list[Path]:
+    """Write every enabled output durably; the sidecar last, so it lists the final timings."""
+    outs = profile.outputs
+    written = []
+    with timings.stage("write"):
+        if outs.matte:
+            write_png(paths.matte, matte, outs.png_compression)
+            written.append(paths.matte)
+        if outs.foreground:
+            write_png(paths.fg, render_foreground(decoded, matte, profile), outs.png_compression)
+            written.append(paths.fg)
+        if outs.composite is not None:
+            write_png(paths.composite, composite_over(decoded, matte, outs.composite), outs.png_compression)
+            written.append(paths.composite)
+    if outs.sidecar:
+        side = {
+            "source": meta.source,
+            "sha256": meta.sha256,
+            "model": meta.model,
+            "profile": meta.profile,
+            "pipeline_version": PIPELINE_VERSION,
+            "bshm_watchd": __version__,
+            "width": decoded.size[0],
+            "height": decoded.size[1],
+            "bit_depth": decoded.bit_depth,
+            "format": decoded.format,
+            "orientation": decoded.orientation,
+            "pages": decoded.pages,
+            "ms": timings.rounded(),
+        }
+        try:
+            write_bytes_atomic(paths.sidecar, (json.dumps(side, indent=2, ensure_ascii=False) + "\n").encode())
+        except OSError as exc:
+            raise ScanError(f"cannot write {paths.sidecar}: {exc.strerror or exc}", stage="write",
+                            transient=True) from exc
+        written.append(paths.sidecar)
+    return written
+
+
+def run_scan(
+    data: bytes,
+    name: str,
+    matter: Matter,
+    profile: Profile,
+    *,
+    max_pixels: int,
+    timings: Timings | None = None,
+) -> tuple[Decoded, Matte8, Timings]:
+    """Decode + matte one scan in this process; returns the decoded scan and its full-size matte."""
+    t = timings or Timings()
+    with t.stage("decode"):
+        decoded = decode_bytes(data, name, max_pixels)
+    prepared = prepare(decoded, profile, t)
+    with t.stage("matting"):
+        alpha = matter.predict(prepared.analysis)
+    matte = finish_matte(prepared, alpha, profile, t)
+    return decoded, matte, t
