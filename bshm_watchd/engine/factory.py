@@ -37,7 +37,8 @@ def build_matter(name: str, store: ModelStore, *, device: str = "auto", threads:
     if name == "bshm":
         from bshm_watchd.engine.bshm_tf import BshmMatter
 
-        return BshmMatter(store.path("bshm"), device=dev)
+        # TensorFlow finds its own GPUs; torch's view (resolve_device) is irrelevant here.
+        return BshmMatter(store.path("bshm"), device=device, threads=threads)
     raise ModelError(f"unknown model {name!r}")
 
 
