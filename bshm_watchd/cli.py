@@ -97,9 +97,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cfg.watch:
         print(f"{args.config}: no watch folders configured", file=sys.stderr)
         return 2
-    daemon = Daemon(cfg)
+    import faulthandler
+
+    from bshm_watchd.metrics import Metrics, MetricsServer
+
+    faulthandler.enable()  # a watchdog SIGABRT then leaves every thread's traceback in the journal
+    metrics = Metrics()
+    metrics.add_watches([w.name for w in cfg.watch])
+    metrics.set_model(cfg.model, cfg.device)
+    daemon = Daemon(cfg, metrics=metrics)
     daemon.install_signals()
-    return daemon.run()
+    server = None
+    if cfg.metrics.listen:
+        server = MetricsServer(metrics.registry, daemon.health)
+        server.start(cfg.metrics.listen)
+    try:
+        return daemon.run()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from bshm_watchd.service_install import install_service, load_template, render_unit
+
+    cfg = load_config(args.config)
+    rw: list[Path] = [cfg.state_dir]
+    ro: list[Path] = []
+    for w in cfg.watch:
+        rw += [w.output, w.quarantine]
+        if w.after_success != "keep":
+            rw.append(w.input)
+            if w.move_to is not None:
+                rw.append(w.move_to)
+        else:
+            ro.append(w.input)
+    if cfg.model_dir is not None:
+        ro.append(cfg.model_dir)
+    for folder in rw + ro:
+        if not folder.exists():
+            print(f"warning: {folder} does not exist; the service fails with 226/NAMESPACE until it does",
+                  file=sys.stderr)
+    assert cfg.source is not None
+    unit = render_unit(load_template(), exec_start=str(Path(sys.prefix) / "bin" / "bshm-watchd"),
+                       config_path=cfg.source.resolve(), user=args.user, read_write_paths=rw, read_only_paths=ro)
+    path = install_service(unit, dry_run=args.dry_run, unit_dir=args.unit_dir)
+    if not args.dry_run:
+        print(f"wrote {path}; now: systemctl daemon-reload && systemctl enable --now bshm-watchd")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -135,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("-c", "--config", type=Path, required=True)
     stt.add_argument("--json", action="store_true")
     stt.set_defaults(func=cmd_status)
+
+    si = sub.add_parser("install-service", help="write the systemd unit with this config's folders")
+    si.add_argument("-c", "--config", type=Path, required=True)
+    si.add_argument("--user", default="bshm-watchd")
+    si.add_argument("--dry-run", action="store_true")
+    si.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    si.set_defaults(func=cmd_install_service)
 
     cc = sub.add_parser("check-config", help="validate a config file")
     cc.add_argument("-c", "--config", type=Path, required=True)
