@@ -28,6 +28,10 @@ DEFAULT_MAX_PIXELS = 120_000_000
 
 ORIENT_TAG = 0x0112
 
+# Our own guard (``max_pixels``, checked from the header before any decoding) replaces Pillow's,
+# which would otherwise refuse anything over ~179 MP whatever the config allows.
+Image.MAX_IMAGE_PIXELS = None
+
 
 @dataclass(frozen=True)
 class Decoded:
@@ -94,14 +98,19 @@ def decode_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
         if _is_16bit(im, data):
             rgb, alpha = _decode_16bit_cv(data, name)
             depth = 16
+            # OpenCV turns TIFFs upright itself, even with IMREAD_UNCHANGED; other formats it leaves.
+            pending = 1 if fmt == "TIFF" else orientation
         else:
             rgb, alpha = _decode_8bit_pil(im, name)
             depth = 8
-    if rgb.shape[0] != h or rgb.shape[1] != w:
+            # Pillow applies a TIFF's orientation while loading and then drops the tag: rotate only
+            # by what is still there, so a scan is turned exactly once.
+            pending = _orientation(im)
+    if {rgb.shape[0], rgb.shape[1]} != {h, w}:
         raise NotAnImage(f"{name}: decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from header {w}x{h}")
-    rgb = apply_orientation(rgb, orientation)
+    rgb = apply_orientation(rgb, pending)
     if alpha is not None:
-        alpha = apply_orientation(alpha, orientation)
+        alpha = apply_orientation(alpha, pending)
     return Decoded(rgb=rgb, alpha=alpha, bit_depth=depth, format=fmt, mode=mode, orientation=orientation, pages=pages)
 
 

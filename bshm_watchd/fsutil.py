@@ -14,6 +14,16 @@ from bshm_watchd.failpoints import failpoint
 TEMP_PREFIX = ".bshm-tmp-"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask can only be read by setting it, which is racy once threads run.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename inside it survives power loss."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -38,6 +48,9 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
         failpoint("temp_written")
         with open(tmp, "rb+") as fh:
+            # mkstemp makes 0600 (right while it is a temp); the final file follows the umask so
+            # studio staff and Samba users can read the outbox.
+            os.fchmod(fh.fileno(), _FILE_MODE)
             os.fsync(fh.fileno())
         failpoint("fsynced")
         os.replace(tmp, final)
