@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("-c", "--config", type=Path, required=True)
     cc.set_defaults(func=cmd_check_config)
 
+    from bshm_watchd.review import add_review_parser
+
+    add_review_parser(sub)
+
     md = sub.add_parser("models", help="list, fetch, verify or add models")
     md.add_argument("-c", "--config", type=Path, default=None)
     md.add_argument("--model-dir", type=Path, default=None)
