@@ -1,0 +1,280 @@
+"""Aged composites of portraits with exact alpha truth: the cases of the matting benchmark.
+
+Case ``index`` of ``make_cases(seed=S)`` draws everything from ``numpy.random.default_rng([S, index])``
+and records each drawn parameter in ``Case.recipe``. Portraits are used in turn (case i uses
+portrait i mod P); backdrop kinds follow a per-seed permutation, shifted each round, so the
+variants of one portrait get different backdrops. The recipe, in order:
+
+1. frame: the portrait, resized to a long side of ``max_side`` (never enlarged), is optionally
+   cropped (p 0.5; each side kept 60–100 %, only when ≥ 70 % of the alpha mass stays), then resized
+   to a long side of 40–100 % of ``max_side`` (less any mount border). Image, foreground and alpha
+   get the same crop and resize, so the alpha stays exact.
+2. foreground colours: pymatting ``estimate_foreground_ml`` once per portrait on the resized copy,
+   so soft hair does not carry the old background into the new one.
+3. backdrop (``BACKDROPS``): studio (mottled painted), scenery (painted sky, horizon, trees),
+   gradient (linear or radial), dark, light, interior (blurred or sharp rectangles), texture
+   (noise, fabric weave, wallpaper), planks, foliage (busy blobs), clothes (the tone of the
+   subject's own clothes, mottled). Its brightness is then shifted, if need be, so the subject's
+   rim and the backdrop beside it differ by ≥ 0.12 in luma (``keep_apart``).
+4. composite ``I = αF + (1 − α)B`` in sRGB [0, 1].
+5. mount (geometry, so the alpha follows): an oval window in a card (p 0.12; alpha × window), then
+   a card border (p 0.3, 2–10 % of the side; alpha padded with 0).
+6. ageing (image only; ``ageing.age``) at a severity drawn uniformly from ``severity``: tone
+   (p 0.9: faded colour with a yellow cast 0.3, mono 0.22, sepia 0.3, cyanotype 0.06, hand-tinted
+   0.12), fade (p 0.85: blacks lifted 0–0.3, whites capped 0.7–1, gamma 0.7–1.4), then, each less
+   likely and milder at low severity: stains, vignette (dark or paper-light), blur (σ 0.3–2.5 px per
+   1024 px), rescan (down to 20–90 % then back up), film grain, scratches, crease cracks, dust and
+   hairs, JPEG re-compression (quality 20–95).
+   No rotation or warp: the alpha would no longer be exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from bshm_watchd.engine.base import RGB8, Alpha
+from bshm_watchd.errors import BshmError
+from bshm_watchd.evaluation.ageing import age
+from bshm_watchd.evaluation.backdrops import (
+    BACKDROPS,
+    F32,
+    Recipe,
+    Rng,
+    backdrop,
+    bounded,
+    clothes_colour,
+    f32,
+    keep_apart,
+    rand_rgb,
+    resize,
+    uniform,
+)
+from bshm_watchd.fsutil import write_bytes_atomic
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One benchmark case: an RGB image, the exact alpha of the people in it, and how it was made."""
+
+    name: str
+    image: RGB8
+    alpha: Alpha
+    recipe: Recipe = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image.dtype != np.uint8 or self.image.ndim != 3 or self.image.shape[2] != 3:
+            raise ValueError(f"{self.name}: image must be H×W×3 uint8, got {self.image.dtype} {self.image.shape}")
+        if self.alpha.dtype != np.float32 or self.alpha.shape != self.image.shape[:2]:
+            raise ValueError(f"{self.name}: alpha must be H×W float32 matching the image, got {self.alpha.shape}")
+
+
+# ------------------------------------------------------- geometry (image, foreground and alpha alike)
+
+
+def _draw_mount(rng: Rng) -> Recipe:
+    mount: Recipe = {}
+    if rng.random() < 0.12:
+        mount["oval"] = {
+            "rx": uniform(rng, 0.38, 0.5),
+            "ry": uniform(rng, 0.4, 0.5),
+            "soft": uniform(rng, 0.5, 4.0),
+        }
+    if rng.random() < 0.3:
+        mount["border"] = uniform(rng, 0.02, 0.1)
+    mount["card"] = rand_rgb(rng, 0.05, 0.95, sat=0.3)
+    return mount
+
+
+def _draw_frame(rng: Rng, alpha: Alpha, max_side: int, border: float) -> Recipe:
+    h, w = alpha.shape
+    crop = [0, 0, w, h]
+    if rng.random() < 0.5:
+        total = float(alpha.sum())
+        for _ in range(5):  # a crop that loses most of the person would be a different benchmark
+            cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            if float(alpha[y0 : y0 + ch, x0 : x0 + cw].sum()) >= 0.7 * total:
+                crop = [x0, y0, x0 + cw, y0 + ch]
+                break
+    long_side = max_side * uniform(rng, 0.4, 1.0) / (1 + 2 * border)
+    return {
+        "work": [w, h],
+        "crop": crop,
+        "size": list(bounded(crop[2] - crop[0], crop[3] - crop[1], long_side)),
+    }
+
+
+def _reframe(arr: F32, frame: Recipe) -> F32:
+    """Crop and resize a working-size array the way ``frame`` says."""
+    x0, y0, x1, y1 = frame["crop"]
+    return np.ascontiguousarray(resize(arr[y0:y1, x0:x1], frame["size"]), dtype=np.float32)
+
+
+def _oval_window(h: int, w: int, oval: Recipe) -> F32:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    d = np.hypot((xx - w / 2) / (oval["rx"] * w), (yy - h / 2) / (oval["ry"] * h))
+    inside_px = (1 - d) * min(oval["rx"] * w, oval["ry"] * h)  # ≈ distance to the rim, in pixels
+    return f32(np.clip(0.5 + inside_px / oval["soft"], 0, 1))
+
+
+def _border_px(h: int, w: int, mount: Recipe) -> int:
+    return round(float(mount.get("border", 0.0)) * max(h, w))
+
+
+def mount_alpha(alpha: Alpha, mount: Recipe) -> Alpha:
+    """The alpha seen through the mount: × the oval window, padded with 0 under the card border."""
+    h, w = alpha.shape
+    if "oval" in mount:
+        alpha = alpha * _oval_window(h, w, mount["oval"])
+    b = _border_px(h, w, mount)
+    return np.pad(alpha, b).astype(np.float32) if b else alpha.astype(np.float32)
+
+
+def _mount_image(img: F32, mount: Recipe) -> F32:
+    h, w = img.shape[:2]
+    card = np.asarray(mount["card"], np.float32)
+    if "oval" in mount:
+        win = _oval_window(h, w, mount["oval"])[..., None]
+        img = img * win + card * (1 - win)
+    b = _border_px(h, w, mount)
+    if b:
+        img = np.pad(img, ((b, b), (b, b), (0, 0)))
+        img[:b], img[-b:], img[:, :b], img[:, -b:] = card, card, card, card
+    return img.astype(np.float32)
+
+
+def truth_alpha(source_alpha: Alpha, recipe: Recipe) -> Alpha:
+    """Recompute a case's alpha from its full-size source alpha and the recipe: the same exact ops."""
+    frame = recipe["frame"]
+    return mount_alpha(_reframe(resize(source_alpha, frame["work"]), frame), recipe["mount"])
+
+
+# ---------------------------------------------------------------- cases
+
+
+def _foreground(image: RGB8, alpha: Alpha) -> F32:
+    from pymatting import estimate_foreground_ml
+
+    fg = estimate_foreground_ml(image.astype(np.float64) / 255.0, alpha.astype(np.float64))
+    return f32(np.clip(fg, 0, 1))
+
+
+def make_cases(
+    data_dir: Path, n: int, seed: int, max_side: int = 1024, severity: tuple[float, float] = (0.0, 1.0)
+) -> list[Case]:
+    """``n`` aged composites (recipe: module docstring) from the image/ + alpha/ pairs under ``data_dir``.
+
+    Deterministic for ``(data_dir contents, n, seed, max_side, severity)``; case i is the same
+    whatever ``n``. Each case's ageing severity is uniform in the ``severity`` range.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if not 0 <= severity[0] <= severity[1] <= 1:
+        raise ValueError(f"severity must be a range within [0, 1], got {severity}")
+    if max_side < 64:
+        raise ValueError(f"max_side must be at least 64, got {max_side}")
+    sources = load_pairs(data_dir)
+    order = np.random.default_rng([seed, 0x6B696E64]).permutation(len(BACKDROPS))
+    work: dict[str, tuple[Alpha, F32]] = {}  # per portrait: working alpha and foreground
+    cases = []
+    for index in range(n):
+        src = sources[index % len(sources)]
+        if src.name not in work:
+            h, w = src.alpha.shape
+            size = bounded(w, h, max_side)
+            img_w, alpha_w = resize(src.image, size), f32(resize(src.alpha, size))
+            work[src.name] = (alpha_w, _foreground(img_w, alpha_w))
+        alpha_w, fg_w = work[src.name]
+        kind = BACKDROPS[int(order[(index + index // len(sources)) % len(BACKDROPS)])]
+        rng = np.random.default_rng([seed, index])
+        mount = _draw_mount(rng)
+        frame = _draw_frame(rng, alpha_w, max_side, float(mount.get("border", 0.0)))
+        a, fg = _reframe(alpha_w, frame), _reframe(fg_w, frame)
+        bg, bg_params = backdrop(kind, rng, a.shape[0], a.shape[1], clothes_colour(fg, a))
+        bg, bg_params["shift"] = keep_apart(bg, fg, a)
+        comp = _mount_image(a[..., None] * fg + (1 - a[..., None]) * bg, mount)
+        image, ageing = age(comp, rng, uniform(rng, *severity))
+        recipe = {
+            "seed": seed,
+            "index": index,
+            "source": src.name,
+            "frame": frame,
+            "mount": mount,
+            "backdrop": bg_params,
+            "age": ageing,
+        }
+        cases.append(Case(f"{src.name}-s{seed}-{index:03d}-{kind}", image, mount_alpha(a, mount), recipe))
+    return cases
+
+
+# ---------------------------------------------------------------- folders of image/ + alpha/ pairs
+
+
+def save_cases(cases: list[Case], out_dir: Path) -> None:
+    """Write ``image/NAME.png`` (8-bit RGB), ``alpha/NAME.png`` (16-bit grey) and ``recipe.json``."""
+    recipes: dict[str, Recipe] = {}
+    for case in cases:
+        if "/" in case.name or case.name.startswith("."):
+            raise ValueError(f"case name {case.name!r} is not a plain file name")
+        ok_i, img = cv2.imencode(".png", cv2.cvtColor(case.image, cv2.COLOR_RGB2BGR))
+        ok_a, alp = cv2.imencode(".png", (np.clip(case.alpha, 0, 1) * 65535 + 0.5).astype(np.uint16))
+        if not (ok_i and ok_a):
+            raise BshmError(f"{case.name}: PNG encoding failed")
+        write_bytes_atomic(out_dir / "image" / f"{case.name}.png", img.tobytes())
+        write_bytes_atomic(out_dir / "alpha" / f"{case.name}.png", alp.tobytes())
+        recipes[case.name] = case.recipe
+    write_bytes_atomic(out_dir / "recipe.json", json.dumps(recipes, indent=1, sort_keys=True).encode())
+
+
+def _read_alpha(path: Path) -> Alpha:
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey PNG
+            return (np.asarray(im, dtype=np.float32) / 65535.0).clip(0, 1).astype(np.float32)
+        if im.mode in ("LA", "RGBA", "PA"):
+            return np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def load_pairs(directory: Path, max_side: int | None = None) -> list[Case]:
+    """Cases from ``directory/image/*`` with ``directory/alpha/STEM.*`` as truth (and ``recipe.json`` if any).
+
+    ``max_side`` shrinks both (area interpolation) so large held-out sets stay quick to score.
+    """
+    img_dir, alpha_dir = directory / "image", directory / "alpha"
+    if not img_dir.is_dir() or not alpha_dir.is_dir():
+        raise BshmError(f"{directory}: expected image/ and alpha/ folders")
+    recipe_file = directory / "recipe.json"
+    recipes: dict[str, Recipe] = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    alphas: dict[str, Path] = {}
+    for p in sorted(alpha_dir.iterdir()):  # a lossless .png wins over a same-stem .jpg
+        if p.suffix.lower() in IMAGE_SUFFIXES and (p.stem not in alphas or p.suffix.lower() == ".png"):
+            alphas[p.stem] = p
+    cases = []
+    for path in sorted(img_dir.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem not in alphas:
+            raise BshmError(f"{path}: no alpha for it in {alpha_dir}")
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        alpha = _read_alpha(alphas[path.stem])
+        if alpha.shape != image.shape[:2]:
+            raise BshmError(
+                f"{path}: image is {image.shape[1]}×{image.shape[0]}, alpha {alpha.shape[1]}×{alpha.shape[0]}"
+            )
+        if max_side is not None:
+            size = bounded(alpha.shape[1], alpha.shape[0], max_side)
+            image, alpha = resize(image, size), resize(alpha, size)
+        recipe = recipes.get(path.stem, {"source": str(path)})
+        cases.append(Case(path.stem, np.ascontiguousarray(image), np.ascontiguousarray(alpha, np.float32), recipe))
+    if not cases:
+        raise BshmError(f"{img_dir}: no images")
+    return cases

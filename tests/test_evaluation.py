@@ -1,0 +1,399 @@
+"""Tests for the matting benchmark: metrics, composites, runner and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bshm_watchd.errors import BshmError, ModelError
+from bshm_watchd.evaluation import Case, evaluate, load_pairs, make_cases, save_cases, truth_alpha
+from bshm_watchd.evaluation.ageing import age
+from bshm_watchd.evaluation.backdrops import BACKDROPS, LUMA, backdrop, keep_apart
+from bshm_watchd.evaluation.composite import _read_alpha
+from bshm_watchd.evaluation.metrics import (
+    Scores,
+    connectivity_error,
+    gradient_error,
+    mse,
+    sad,
+    score,
+    soft_band,
+    soft_band_sad,
+)
+from bshm_watchd.evaluation.report import (
+    markdown_per_case,
+    markdown_summary,
+    result_from_dict,
+    result_to_dict,
+    to_json,
+    write_report,
+)
+from bshm_watchd.evaluation.runner import CaseResult, EvalResult
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "portraits"
+needs_data = pytest.mark.skipif(not (DATA / "image").is_dir(), reason=f"shared portraits not found at {DATA}")
+
+
+def _blob(h: int = 60, w: int = 80) -> np.ndarray:
+    """A solid rectangle with a soft ramp on its left edge."""
+    a = np.zeros((h, w), np.float32)
+    a[10:50, 30:70] = 1.0
+    a[10:50, 20:30] = np.linspace(0, 1, 12, dtype=np.float32)[1:11]
+    return a
+
+
+def _write_portraits(root: Path, count: int = 3) -> list[np.ndarray]:
+    """Small synthetic 'portraits': a coloured ellipse with a soft rim on a busy background."""
+    (root / "image").mkdir(parents=True)
+    (root / "alpha").mkdir()
+    rng = np.random.default_rng(7)
+    alphas = []
+    for i in range(count):
+        h, w = 180 + 20 * i, 240
+        alpha = np.zeros((h, w), np.uint8)
+        cv2.ellipse(alpha, (w // 2, h // 2), (50, 70), 0, 0, 360, 255, -1)
+        alpha = cv2.GaussianBlur(alpha, (0, 0), 2.0)
+        img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        img[alpha > 0] = (40 * i + 60, 120, 200 - 30 * i)
+        cv2.imwrite(str(root / "image" / f"p{i}.jpg"), img)
+        cv2.imwrite(str(root / "alpha" / f"p{i}.png"), alpha)
+        alphas.append(alpha.astype(np.float32) / 255)
+    return alphas
+
+
+class TestMetrics:
+    def test_perfect_prediction_scores_zero(self) -> None:
+        """A prediction equal to the truth has every error 0."""
+        t = _blob()
+        assert score(t, t) == Scores(0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def test_all_wrong_is_1000_per_megapixel(self) -> None:
+        """Predicting 0 where the truth is 1 everywhere gives SAD and connectivity 1000, MSE 1, grad 0."""
+        s = score(np.zeros((40, 50)), np.ones((40, 50)))
+        assert s.sad == pytest.approx(1000.0)
+        assert s.conn == pytest.approx(1000.0)
+        assert s.mse == pytest.approx(1.0)
+        assert s.grad == pytest.approx(0.0)
+        assert s.soft_sad == 0.0
+
+    def test_half_wrong_sad(self) -> None:
+        """Half the pixels off by 1 give SAD 500 per megapixel."""
+        t = np.zeros((30, 40))
+        t[:, :20] = 1
+        assert sad(np.zeros_like(t), t) == pytest.approx(500.0)
+
+    def test_megapixel_normalisation_is_size_invariant(self) -> None:
+        """Doubling both mattes by pixel replication leaves SAD, MSE and connectivity unchanged."""
+        t = _blob()
+        p = np.clip(t + 0.3 * (np.arange(t.size).reshape(t.shape) % 7 == 0), 0, 1)
+        p[0:5, 0:5] = 1.0  # a detached false positive
+        big_p, big_t = (np.kron(a, np.ones((2, 2))) for a in (p, t))
+        assert sad(big_p, big_t) == pytest.approx(sad(p, t))
+        assert mse(big_p, big_t) == pytest.approx(mse(p, t))
+        assert connectivity_error(big_p, big_t) == pytest.approx(connectivity_error(p, t))
+
+    def test_connectivity_counts_a_detached_island(self) -> None:
+        """An island of alpha 1 where the truth is 0 costs its area (φ goes 1 → 0), per megapixel."""
+        t = np.zeros((100, 100))
+        t[40:90, 40:90] = 1
+        p = t.copy()
+        p[2:12, 2:12] = 1  # 100 pixels, far from the body
+        assert connectivity_error(p, t) == pytest.approx(100 / 1000 * 1e6 / 1e4)
+        assert connectivity_error(t, t) == 0.0
+
+    def test_gradient_error_sees_edges_not_offsets(self) -> None:
+        """A constant offset keeps the gradients (grad 0, SAD > 0); a blurred edge does not."""
+        t = _blob() * 0.5
+        assert gradient_error(t + 0.5, t) == pytest.approx(0.0, abs=1e-9)
+        assert sad(t + 0.5, t) > 0
+        blurred = cv2.GaussianBlur(t, (0, 0), 3.0)
+        assert gradient_error(blurred, t) > 0
+        assert gradient_error(blurred, t) == pytest.approx(gradient_error(t, blurred))
+
+    def test_soft_band_on_a_ramp(self) -> None:
+        """The band is the strict ramp 51..59 widened by exactly 7 px each side (44..66)."""
+        t = np.zeros((20, 100), np.float32)
+        t[:, 50:61] = np.linspace(0, 1, 11)
+        t[:, 61:] = 1
+        cols = np.nonzero(soft_band(t)[10])[0]
+        assert cols.min() == 44
+        assert cols.max() == 66
+        assert soft_band(t).all(axis=1).sum() == 0 and soft_band(t)[:, 44:67].all()
+
+    def test_soft_band_sad_ignores_errors_far_from_edges(self) -> None:
+        """An error deep inside the solid region counts in SAD but not in soft-band SAD."""
+        t = _blob()
+        p = t.copy()
+        p[30:40, 50:60] = 0.0  # inside the body, > 7 px from the ramp
+        assert sad(p, t) > 0
+        assert soft_band_sad(p, t) == 0.0
+        p2 = t.copy()
+        p2[10:50, 20:30] = 0.0  # the ramp itself
+        assert soft_band_sad(p2, t) == pytest.approx(sad(p2, t))
+
+    def test_quantised_truth_has_no_phantom_band(self) -> None:
+        """Float dust below half an 8-bit step (resampling noise) does not make a soft band."""
+        t = np.ones((20, 20), np.float32) * np.float32(0.99999994)
+        assert not soft_band(t).any()
+
+    def test_rejects_bad_input(self) -> None:
+        """Shape mismatches, NaNs and values outside [0, 1] are errors, not silent scores."""
+        with pytest.raises(ValueError, match="same shape"):
+            sad(np.zeros((3, 4)), np.zeros((4, 3)))
+        with pytest.raises(ValueError, match="NaN"):
+            sad(np.full((3, 3), np.nan), np.zeros((3, 3)))
+        with pytest.raises(ValueError, match="outside"):
+            sad(np.full((3, 3), 2.0), np.zeros((3, 3)))
+
+
+class TestComposite:
+    def test_deterministic_for_a_seed(self, tmp_path: Path) -> None:
+        """The same seed gives byte-identical images, alphas and recipes."""
+        _write_portraits(tmp_path)
+        a, b = make_cases(tmp_path, 6, seed=3, max_side=160), make_cases(tmp_path, 6, seed=3, max_side=160)
+        for x, y in zip(a, b, strict=True):
+            assert x.name == y.name
+            assert np.array_equal(x.image, y.image)
+            assert np.array_equal(x.alpha, y.alpha)
+            assert x.recipe == y.recipe
+
+    def test_case_does_not_depend_on_n(self, tmp_path: Path) -> None:
+        """Case i is the same whether 4 or 6 cases are asked for."""
+        _write_portraits(tmp_path)
+        a, b = make_cases(tmp_path, 4, seed=3, max_side=160), make_cases(tmp_path, 6, seed=3, max_side=160)
+        assert np.array_equal(a[3].image, b[3].image)
+
+    def test_seeds_differ(self, tmp_path: Path) -> None:
+        """Different seeds give different composites of the same portrait."""
+        _write_portraits(tmp_path)
+        a, b = make_cases(tmp_path, 3, seed=1, max_side=160), make_cases(tmp_path, 3, seed=2, max_side=160)
+        for x, y in zip(a, b, strict=True):
+            assert x.recipe["source"] == y.recipe["source"]
+            assert x.image.shape != y.image.shape or not np.array_equal(x.image, y.image)
+
+    def test_alpha_is_the_exact_truth(self, tmp_path: Path) -> None:
+        """Every case's alpha is the source alpha under the recipe's geometry, bit for bit, whatever
+        the ageing did to the image (blur, rescan and JPEG included)."""
+        sources = _write_portraits(tmp_path)
+        cases = make_cases(tmp_path, 12, seed=5, max_side=160)
+        for case in cases:
+            src = sources[int(case.recipe["source"][1:])]
+            assert np.array_equal(case.alpha, truth_alpha(src, case.recipe))
+            assert case.alpha.min() >= 0 and case.alpha.max() <= 1
+        resampled = [c for c in cases if {"rescan", "blur"} & set(c.recipe["age"])]
+        assert resampled, "no case exercised the resampling steps"
+
+    def test_alpha_mass_follows_the_geometry(self, tmp_path: Path) -> None:
+        """Checked independently of the helpers: an uncropped, unmounted case keeps the source's mean
+        alpha, and a card border is alpha 0."""
+        sources = _write_portraits(tmp_path)
+        cases = make_cases(tmp_path, 30, seed=2, max_side=160)
+        plain = [c for c in cases if c.recipe["frame"]["crop"][:2] == [0, 0] and set(c.recipe["mount"]) == {"card"}]
+        plain = [c for c in plain if c.recipe["frame"]["crop"][2:] == c.recipe["frame"]["work"]]
+        assert plain
+        for c in plain:
+            src = sources[int(c.recipe["source"][1:])]
+            assert float(c.alpha.mean()) == pytest.approx(float(src.mean()), rel=0.02)
+        bordered = [c for c in cases if "border" in c.recipe["mount"]]
+        assert bordered
+        for c in bordered:
+            assert c.alpha[0].max() == 0 and c.alpha[-1].max() == 0 and c.alpha[:, 0].max() == 0
+
+    def test_ageing_keeps_size_and_type(self) -> None:
+        """Ageing returns a uint8 RGB image of the input's size (it cannot move the subject)."""
+        img = np.random.default_rng(0).random((64, 48, 3), dtype=np.float32)
+        out, recipe = age(img, np.random.default_rng(1))
+        assert out.shape == (64, 48, 3) and out.dtype == np.uint8
+        json.dumps(recipe)
+
+    def test_every_backdrop_kind_renders(self) -> None:
+        """Each backdrop kind gives an H×W×3 float32 image in [0, 1] and JSON-ready parameters."""
+        for kind in BACKDROPS:
+            bg, params = backdrop(kind, np.random.default_rng(0), 50, 70, (0.3, 0.2, 0.1))
+            assert bg.shape == (50, 70, 3) and bg.dtype == np.float32
+            assert bg.min() >= 0 and bg.max() <= 1
+            assert params["kind"] == kind
+            json.dumps(params)
+        with pytest.raises(ValueError, match="unknown backdrop"):
+            backdrop("nope", np.random.default_rng(0), 5, 5)
+
+    def test_keep_apart_separates_a_silhouette(self) -> None:
+        """A dark subject on an equally dark backdrop gets a backdrop at least 0.12 brighter at its rim."""
+        alpha = np.zeros((80, 80), np.float32)
+        alpha[20:60, 20:60] = 1
+        fg = np.full((80, 80, 3), 0.1, np.float32)
+        bg, shift = keep_apart(np.full((80, 80, 3), 0.12, np.float32), fg, alpha)
+        assert shift > 0
+        assert float(bg[5, 5] @ LUMA) - 0.1 >= 0.12 - 1e-6
+        same, none = keep_apart(np.full((80, 80, 3), 0.9, np.float32), fg, alpha)
+        assert none == 0.0 and float(same[5, 5, 0]) == pytest.approx(0.9)
+
+    def test_severity_range_is_used_and_checked(self, tmp_path: Path) -> None:
+        """Each case records a severity inside the requested range; a bad range is refused."""
+        _write_portraits(tmp_path)
+        cases = make_cases(tmp_path, 4, seed=1, max_side=128, severity=(0.2, 0.3))
+        assert all(0.2 <= c.recipe["age"]["severity"] <= 0.3 for c in cases)
+        with pytest.raises(ValueError, match="severity"):
+            make_cases(tmp_path, 1, seed=1, severity=(0.8, 0.2))
+
+    def test_mild_ageing_damages_less(self) -> None:
+        """At severity 0 the aged image stays closer to the clean one than at severity 1 (over seeds)."""
+        img = np.random.default_rng(0).random((96, 96, 3), dtype=np.float32)
+        clean = (img * 255).astype(np.float64)
+
+        def damage(sev: float) -> float:
+            return float(
+                np.mean([np.abs(age(img, np.random.default_rng(s), sev)[0] - clean).mean() for s in range(12)])
+            )
+
+        assert damage(0.0) < damage(1.0)
+
+    def test_each_portrait_gets_distinct_variants(self, tmp_path: Path) -> None:
+        """With n = 2P every portrait appears twice, with different recipes and names."""
+        _write_portraits(tmp_path)
+        cases = make_cases(tmp_path, 6, seed=9, max_side=160)
+        for src in ("p0", "p1", "p2"):
+            mine = [c for c in cases if c.recipe["source"] == src]
+            assert len(mine) == 2
+            assert mine[0].name != mine[1].name and mine[0].recipe != mine[1].recipe
+        assert all(max(c.image.shape[:2]) <= 160 for c in cases)
+
+    def test_save_and_load_round_trip(self, tmp_path: Path) -> None:
+        """Saved cases load back with identical images, alphas within 16-bit rounding, and recipes."""
+        _write_portraits(tmp_path / "src")
+        cases = make_cases(tmp_path / "src", 4, seed=0, max_side=128)
+        save_cases(cases, tmp_path / "out")
+        back = {c.name: c for c in load_pairs(tmp_path / "out")}
+        assert set(back) == {c.name for c in cases}
+        for c in cases:
+            assert np.array_equal(back[c.name].image, c.image)
+            assert np.abs(back[c.name].alpha - c.alpha).max() <= 1 / 65535
+            assert back[c.name].recipe == json.loads(json.dumps(c.recipe))
+
+    def test_load_pairs_reads_8bit_alpha_and_bounds_size(self, tmp_path: Path) -> None:
+        """Plain 8-bit alpha PNGs load as /255; max_side shrinks image and alpha together."""
+        alphas = _write_portraits(tmp_path)
+        cases = load_pairs(tmp_path)
+        assert np.array_equal(cases[0].alpha, alphas[0])
+        small = load_pairs(tmp_path, max_side=100)
+        assert all(max(c.image.shape[:2]) == 100 and c.alpha.shape == c.image.shape[:2] for c in small)
+
+    def test_load_pairs_errors(self, tmp_path: Path) -> None:
+        """A folder without the layout, an image without alpha, or no images at all is an error."""
+        with pytest.raises(BshmError, match="expected image/ and alpha/"):
+            load_pairs(tmp_path)
+        (tmp_path / "image").mkdir()
+        (tmp_path / "alpha").mkdir()
+        with pytest.raises(BshmError, match="no images"):
+            load_pairs(tmp_path)
+        cv2.imwrite(str(tmp_path / "image" / "x.png"), np.zeros((4, 4, 3), np.uint8))
+        with pytest.raises(BshmError, match="no alpha"):
+            load_pairs(tmp_path)
+
+    def test_read_16bit_alpha(self, tmp_path: Path) -> None:
+        """A 16-bit grey PNG is read at full precision."""
+        a = np.array([[0, 1, 32768, 65535]], np.uint16)
+        cv2.imwrite(str(tmp_path / "a.png"), a)
+        assert np.allclose(_read_alpha(tmp_path / "a.png"), a / 65535.0)
+
+    def test_case_validates_arrays(self) -> None:
+        """A Case refuses an alpha that does not match its image."""
+        with pytest.raises(ValueError, match="alpha"):
+            Case("x", np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), np.float32))
+
+    @needs_data
+    def test_shared_portraits(self) -> None:
+        """30 cases from the shared portraits: every portrait twice, every backdrop kind, bounded size."""
+        cases = make_cases(DATA, 30, seed=0, max_side=384)
+        assert len(cases) == 30
+        sources = [c.recipe["source"] for c in cases]
+        assert all(sources.count(s) >= 2 for s in set(sources)) and len(set(sources)) == 15
+        assert {c.recipe["backdrop"]["kind"] for c in cases} == set(BACKDROPS)
+        assert all(max(c.image.shape[:2]) <= 384 for c in cases)
+
+
+class TestRunner:
+    def test_truth_scores_zero_and_zeros_score_the_alpha_mass(self, tmp_path: Path) -> None:
+        """The truth itself scores 0; an all-zero matte scores 1000 × mean alpha."""
+        _write_portraits(tmp_path)
+        cases = make_cases(tmp_path, 3, seed=0, max_side=128)
+        truth = {c.image.tobytes(): c.alpha for c in cases}
+        perfect = evaluate(cases, lambda im: truth[im.tobytes()], "truth", warmup=0)
+        assert all(c.scores.sad == 0 and c.scores.conn == 0 for c in perfect.cases)
+        zeros = evaluate(cases, lambda im: np.zeros(im.shape[:2], np.float32), "zeros")
+        for r, c in zip(zeros.cases, cases, strict=True):
+            assert r.scores.sad == pytest.approx(1000 * float(c.alpha.mean()), rel=1e-6)
+            assert r.seconds >= 0
+
+    def test_warmup_and_copies(self) -> None:
+        """Warm-up calls are extra and untimed; the function gets a copy it may scribble on."""
+        case = Case("c", np.full((8, 8, 3), 9, np.uint8), np.zeros((8, 8), np.float32))
+        calls = []
+
+        def fn(im: np.ndarray) -> np.ndarray:
+            calls.append(1)
+            im[:] = 0
+            return np.zeros(im.shape[:2], np.float32)
+
+        evaluate([case, case], fn, "x", warmup=2)
+        assert len(calls) == 4
+        assert (case.image == 9).all()
+
+    def test_wrong_shape_is_a_model_error(self) -> None:
+        """A matte of the wrong size stops the run with ModelError naming the case."""
+        case = Case("c", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32))
+        with pytest.raises(ModelError, match="c: matte has shape"):
+            evaluate([case], lambda im: np.zeros((4, 4), np.float32), "x", warmup=0)
+
+    def test_accepts_uint8_and_hw1(self) -> None:
+        """An 8-bit or H×W×1 matte is accepted and read as alpha/255."""
+        case = Case("c", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.float32))
+        r = evaluate([case], lambda im: np.full((8, 8, 1), 255, np.uint8), "x", warmup=0)
+        assert r.cases[0].scores.sad == 0
+
+    def test_aggregate(self) -> None:
+        """Mean, median and worst are computed per quantity over the cases."""
+        res = EvalResult(
+            "m",
+            tuple(CaseResult(f"c{i}", Scores(v, v / 2, 0.0, 0.0, 0.0), 0.1 * v) for i, v in enumerate([1.0, 2.0, 6.0])),
+        )
+        agg = res.aggregate()
+        assert (agg["sad"].mean, agg["sad"].median, agg["sad"].worst) == (3.0, 2.0, 6.0)
+        assert agg["soft_sad"].worst == 3.0
+        assert agg["seconds"].median == pytest.approx(0.2)
+
+
+class TestReport:
+    def _results(self) -> list[EvalResult]:
+        a = EvalResult(
+            "isnet",
+            (CaseResult("c1", Scores(40, 10, 0.02, 5, 38), 1.2), CaseResult("c2", Scores(20, 8, 0.01, 3, 19), 1.0)),
+        )
+        b = EvalResult("selfie", (CaseResult("c1", Scores(22, 12, 0.01, 6, 21), 0.05),))
+        return [a, b]
+
+    def test_json_round_trip(self) -> None:
+        """The JSON report is serialisable and reads back to the same results."""
+        data = json.loads(json.dumps(to_json(self._results())))
+        assert data["results"][0]["aggregate"]["sad"]["mean"] == 30.0
+        assert result_from_dict(data["results"][1]) == self._results()[1]
+        assert result_to_dict(self._results()[0])["n"] == 2
+
+    def test_markdown_tables(self) -> None:
+        """The summary has one row per label with the best value bold; the per-case table fills gaps."""
+        summary = markdown_summary(self._results())
+        rows = [line for line in summary.splitlines() if line.startswith("| isnet") or line.startswith("| selfie")]
+        assert len(rows) == 2
+        assert "**22.0**" in rows[1] and "**0.05**" in rows[1]
+        per_case = markdown_per_case(self._results())
+        assert "| c2 | 20.0 | 8.0 | – | – |" in per_case
+
+    def test_write_report(self, tmp_path: Path) -> None:
+        """write_report leaves report.json and report.md in the folder."""
+        j, m = write_report(self._results(), tmp_path / "r")
+        assert json.loads(j.read_text())["results"][1]["label"] == "selfie"
+        assert "## Per case" in m.read_text()
