@@ -1,9 +1,10 @@
 """``bshm-watchd run``: the main loop — watchers feed settle gates, one worker thread mattes, systemd is told.
 
 Threads: watchdog observers push paths into ``events``; the main loop owns the settle gates,
-rescans, share checks, reloads, the status file and the watchdog; one worker thread runs scans
-(the model uses the cores itself). Nothing is shared but queues, the stop event, the progress
-tracker and the ledger behind its lock.
+rescans, share checks, reloads, the status file, the watchdog and all bookkeeping; one worker
+thread runs scans (the model uses the cores itself) and hands each outcome back on ``results``.
+Nothing is shared but queues, the stop event and the progress tracker; each thread has its own
+ledger connection.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,12 @@ import structlog
 from bshm_watchd.config import Config, WatchSpec, load_config
 from bshm_watchd.engine.base import Matter
 from bshm_watchd.errors import BshmError, ConfigError
-from bshm_watchd.fsutil import TEMP_PREFIX, write_bytes_atomic
 from bshm_watchd.ledger import Hint, Ledger
 from bshm_watchd.sdnotify import Notifier, ProgressTracker, WatchdogGate
 from bshm_watchd.settle import SettleGate
-from bshm_watchd.watcher import FolderWatch, path_ignored, walk_files
-from bshm_watchd.worker import ScanWorker, WorkItem
+from bshm_watchd.status import Counters, write_status_file
+from bshm_watchd.watcher import FolderWatch, folder_identity, path_ignored, walk_files
+from bshm_watchd.worker import Outcome, ScanWorker, WorkItem, remove_crash_temps, sweep_temps
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +39,7 @@ TICK = 0.25
 STOP_GRACE = 25.0
 TEMP_TTL = 3600.0
 BACKOFF = (5.0, 30.0, 120.0, 600.0)
+RESTART_PAUSE = 5.0
 
 
 @dataclass
@@ -46,20 +48,13 @@ class WatchState:
     gate: SettleGate
     folder: FolderWatch | None = None
     available: bool = True
+    ident: tuple[int, int] | None = None
+    """(st_dev, st_ino) of the input folder the observer watches: a folder replaced under the same name
+    (share remounted, folder renamed away and recreated) leaves an inotify observer on the old inode."""
     next_rescan: float = 0.0
-
-
-@dataclass
-class Counters:
-    done: int = 0
-    quarantined: int = 0
-    skipped: int = 0
-    retries: int = 0
-    by_watch: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def add(self, watch: str, result: str) -> None:
-        w = self.by_watch.setdefault(watch, {})
-        w[result] = w.get(result, 0) + 1
+    next_restart: float = 0.0
+    """When a dead observer may be restarted again: a start that keeps failing is retried every few
+    seconds, not logged four times a second."""
 
 
 class Daemon:
@@ -68,8 +63,15 @@ class Daemon:
     def __init__(self, cfg: Config, *, matter: Matter | None = None, notifier: Notifier | None = None,
                  stop: threading.Event | None = None,
                  hook: Callable[[str, WorkItem], None] | None = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, temp_ttl: float = TEMP_TTL,
+                 backoff: tuple[float, ...] = BACKOFF) -> None:
+        if temp_ttl < 0:
+            raise ValueError(f"temp_ttl must be >= 0, got {temp_ttl}")
+        if not backoff or any(b < 0 for b in backoff):
+            raise ValueError(f"backoff must be a non-empty tuple of delays >= 0, got {backoff}")
         self.cfg = cfg
+        self.temp_ttl = temp_ttl
+        self.backoff = backoff
         self._matter = matter
         self.notifier = notifier or Notifier()
         self.stop = stop or threading.Event()
@@ -77,12 +79,20 @@ class Daemon:
         self.metrics = metrics
         self.events: queue.Queue[tuple[WatchSpec, Path]] = queue.Queue()
         self.work: queue.Queue[WorkItem | None] = queue.Queue(maxsize=64)
+        self.results: queue.Queue[tuple[WorkItem, Outcome | None]] = queue.Queue()
         self.queued: set[Path] = set()
+        self.dirty: set[Path] = set()
+        """Queued paths that had an event while queued: offered again once their outcome is in."""
         self.retry_at: dict[Path, tuple[float, WatchSpec]] = {}
+        self.attempts: dict[Path, int] = {}
+        self.held: dict[Path, Hint] = {}
+        """Paths left alone until their stat changes (refused, undisposable): one warning, not one per rescan."""
         self.watches: dict[str, WatchState] = {}
         self.progress = ProgressTracker(stuck_after=float(os.environ.get("BSHM_WATCHD_STUCK_SECONDS", "900")))
         self.counters = Counters()
         self._reload = threading.Event()
+        self.ready = threading.Event()
+        """Set once the observers run and the first tick (the backlog rescan) is over."""
         self._space_ok = True
         self.started = time.time()
 
@@ -105,6 +115,7 @@ class Daemon:
         stale = self.ledger.stale_claims()
         if stale:
             log.warning("stale_claims_redone", count=len(stale), rels=[r.rel for r in stale[:20]])
+            remove_crash_temps(cfg, stale)
         if self._matter is None:
             from bshm_watchd.engine.factory import build_matter
             from bshm_watchd.modelstore import ModelStore, default_model_dir
@@ -127,6 +138,7 @@ class Daemon:
                 self._tick()
             except Exception:  # the main loop must outlive any one bad tick
                 log.exception("tick_failed")
+            self.ready.set()
             gate.maybe_ping(self.progress.check()[0])
             now = time.monotonic()
             if now - last_status >= 2.0:
@@ -152,11 +164,15 @@ class Daemon:
                 break
         self.work.put(None)
         thread.join(timeout=STOP_GRACE)
-        if thread.is_alive():
-            log.error("worker_did_not_stop", grace_s=STOP_GRACE)
-        self._write_status()
+        self._drain_results()
+        self._write_status(running=False)
         self.checker.ledger.close()
-        self.ledger.close()
+        if thread.is_alive():
+            # Closing the connection under a running scan would turn its commit into a crash; the
+            # process exit abandons it instead (temp files only, no claim committed as done).
+            log.error("worker_did_not_stop", grace_s=STOP_GRACE)
+        else:
+            self.ledger.close()
         log.info("daemon_stopped")
         return 0
 
@@ -169,9 +185,10 @@ class Daemon:
         for spec in cfg.watch:
             for folder in (spec.output, spec.quarantine):
                 folder.mkdir(parents=True, exist_ok=True)
-            st = WatchState(spec=spec, gate=SettleGate(spec.settle_seconds, spec.incomplete_seconds))
+            st = WatchState(spec=spec, gate=SettleGate(spec.input, spec.settle_seconds, spec.incomplete_seconds))
             self.watches[spec.name] = st
-            st.available = self._available(spec)
+            st.ident = folder_identity(spec.input)
+            st.available = st.ident is not None
             if st.available:
                 self._start_folder(st)
             else:
@@ -179,6 +196,8 @@ class Daemon:
         self._clean_temps(cfg)
 
     def _start_folder(self, st: WatchState) -> None:
+        if st.folder is not None:
+            st.folder.stop()
         st.folder = FolderWatch(st.spec, lambda spec, path: self.events.put((spec, path)))
         try:
             st.folder.start()
@@ -187,32 +206,16 @@ class Daemon:
             st.folder = None
         st.next_rescan = 0.0  # rescan now: the backlog, and whatever arrived while we were not looking
 
-    @staticmethod
-    def _available(spec: WatchSpec) -> bool:
-        """The share is there and listable (a renamed-away or chmod-000 folder is not)."""
-        try:
-            return spec.input.is_dir() and os.access(spec.input, os.R_OK | os.X_OK)
-        except OSError:
-            return False
-
     def _clean_temps(self, cfg: Config) -> None:
-        """Remove our own temp files older than the TTL (a crash between write and rename leaves them)."""
-        cutoff = time.time() - TEMP_TTL
+        roots = {cfg.state_dir}
         for spec in cfg.watch:
-            for root in (spec.output, spec.quarantine):
-                for dirpath, _dirs, files in os.walk(root, followlinks=False):
-                    for name in files:
-                        p = Path(dirpath) / name
-                        try:
-                            if name.startswith(TEMP_PREFIX) and p.lstat().st_mtime < cutoff:
-                                p.unlink()
-                                log.info("stale_temp_removed", path=str(p))
-                        except OSError:
-                            continue
+            roots.update(p for p in (spec.output, spec.quarantine, spec.move_to) if p is not None)
+        sweep_temps(sorted(roots), self.temp_ttl)
 
     # ---- the tick --------------------------------------------------------------------------
     def _tick(self) -> None:
         now = time.monotonic()
+        self._drain_results()
         self._drain_events()
         for path, (due, spec) in list(self.retry_at.items()):
             if now >= due:
@@ -222,7 +225,7 @@ class Daemon:
                     st.gate.offer(path)
         self._space_ok = self._check_space()
         for st in self.watches.values():
-            self._check_watch(st, now)
+            self._check_watch(st)
             if st.available and now >= st.next_rescan:
                 self._rescan(st)
                 st.next_rescan = now + st.spec.rescan_seconds
@@ -235,17 +238,16 @@ class Daemon:
             except queue.Empty:
                 return
             st = self.watches.get(spec.name)
-            if st is None or path in self.queued:
+            if st is None:
+                continue
+            if path in self.queued:
+                self.dirty.add(path)  # touched while being processed: look again once it is done
                 continue
             if path.is_dir() and not path.is_symlink():
-                for child in walk_files(st.spec) if path == st.spec.input else self._walk_sub(st.spec, path):
+                for child in walk_files(st.spec, path):
                     self._offer(st, child)
             else:
                 self._offer(st, path)
-
-    @staticmethod
-    def _walk_sub(spec: WatchSpec, folder: Path) -> list[Path]:
-        return [p for p in walk_files(spec) if folder in p.parents]
 
     def _offer(self, st: WatchState, path: Path) -> None:
         if path in self.queued or path in self.retry_at:
@@ -256,14 +258,17 @@ class Daemon:
             return
         if path_ignored(rel, st.spec.ignore):
             return
+        self.held.pop(path, None)  # an event means it changed: look again
         st.gate.offer(path)
 
-    def _check_watch(self, st: WatchState, now: float) -> None:
-        ok = self._available(st.spec)
+    def _check_watch(self, st: WatchState) -> None:
+        ident = folder_identity(st.spec.input)
+        ok = ident is not None
         if ok != st.available:
             st.available = ok
             if ok:
                 log.info("watch_available_again", watch=st.spec.name)
+                st.ident = ident
                 self._start_folder(st)
             else:
                 # No mass actions while a share is away: keep state, stop the observer, rescan on return.
@@ -272,8 +277,15 @@ class Daemon:
                     st.folder.stop()
                     st.folder = None
             return
-        if ok and (st.folder is None or not st.folder.alive()):
+        if not ok:
+            return
+        if ident != st.ident:
+            log.warning("watch_folder_replaced_restarting", watch=st.spec.name)
+            st.ident = ident
+            self._start_folder(st)
+        elif (st.folder is None or not st.folder.alive()) and time.monotonic() >= st.next_restart:
             log.warning("observer_dead_restarting", watch=st.spec.name)
+            st.next_restart = time.monotonic() + RESTART_PAUSE
             self._start_folder(st)
 
     def _rescan(self, st: WatchState) -> None:
@@ -285,6 +297,9 @@ class Daemon:
                 hint = Hint.of(os.lstat(path))
             except OSError:
                 continue
+            if self.held.get(path) == hint:
+                continue
+            self.held.pop(path, None)
             if not self.checker.already_done(st.spec, path, hint):
                 st.gate.offer(path)
                 n += 1
@@ -298,11 +313,12 @@ class Daemon:
             log.info("scan_vanished_before_claim", watch=st.spec.name, rel=_rel(st.spec, path))
         for path, reason in res.refused:
             log.warning("scan_refused", watch=st.spec.name, rel=_rel(st.spec, path), reason=reason)
-        for path in res.stuck:
-            reason = f"still structurally incomplete after {st.spec.incomplete_seconds:.0f} s"
+            self._hold(path)
+        for path, reason in res.stuck:
             item = WorkItem(st.spec, path, Hint(0, 0, 0, 0))
-            self.worker.quarantine(item, path.relative_to(st.spec.input), reason, "settle", "Incomplete", None,
-                                   log.bind(watch=st.spec.name, rel=_rel(st.spec, path)))
+            if not self.worker.quarantine(item, path.relative_to(st.spec.input), reason, "settle", "Incomplete",
+                                          None, log.bind(watch=st.spec.name, rel=_rel(st.spec, path))):
+                self._hold(path)
             self.counters.quarantined += 1
             self.counters.add(st.spec.name, "quarantined")
         for path, hint in res.ready:
@@ -315,6 +331,12 @@ class Daemon:
                 st.gate.offer(path)  # back-pressure: memory stays flat however many scans wait
                 continue
             self.queued.add(path)
+
+    def _hold(self, path: Path) -> None:
+        try:
+            self.held[path] = Hint.of(os.lstat(path))
+        except OSError:
+            self.held.pop(path, None)
 
     def _check_space(self) -> bool:
         need = self.cfg.min_free_mb * 1024 * 1024
@@ -338,6 +360,7 @@ class Daemon:
             item = self.work.get()
             if item is None:
                 return
+            outcome: Outcome | None
             try:
                 with self.progress.job("scan-worker", _rel(item.watch, item.path)):
                     outcome = self.worker.handle(item)
@@ -347,21 +370,47 @@ class Daemon:
             except Exception:
                 log.exception("scan_worker_error", rel=_rel(item.watch, item.path))
                 outcome = None
-            self.queued.discard(item.path)
-            result = outcome.result if outcome is not None else "retry"
-            self.counters.add(item.watch.name, result)
-            if result == "done":
-                self.counters.done += 1
-            elif result == "quarantined":
-                self.counters.quarantined += 1
-            elif result in ("retry", "changed"):
-                n = self.counters.retries = self.counters.retries + 1
-                delay = BACKOFF[min(n - 1, len(BACKOFF) - 1)] if result == "retry" else 0.0
-                self.retry_at[item.path] = (time.monotonic() + delay, item.watch)
-            else:
-                self.counters.skipped += 1
-            if self.metrics is not None:
-                self.metrics.observe(item.watch.name, result, outcome)
+            self.results.put((item, outcome))
+
+    # ---- outcomes (main thread) -------------------------------------------------------------
+    def _drain_results(self) -> None:
+        while True:
+            try:
+                item, outcome = self.results.get_nowait()
+            except queue.Empty:
+                return
+            self._settle_outcome(item, outcome)
+
+    def _settle_outcome(self, item: WorkItem, outcome: Outcome | None) -> None:
+        path, spec = item.path, item.watch
+        result = outcome.result if outcome is not None else "retry"
+        self.counters.add(spec.name, result)
+        if result == "done":
+            self.counters.done += 1
+        elif result == "quarantined":
+            self.counters.quarantined += 1
+        elif result in ("retry", "changed"):
+            self.counters.retries += 1
+        else:
+            self.counters.skipped += 1
+        if result in ("retry", "changed"):
+            # Back-off per file: one flaky share must not slow every later retry of the service.
+            n = self.attempts[path] = self.attempts.get(path, 0) + 1
+            delay = self.backoff[min(n - 1, len(self.backoff) - 1)] if result == "retry" else 0.0
+            self.retry_at[path] = (time.monotonic() + delay, spec)
+        else:
+            self.attempts.pop(path, None)
+            if outcome is not None and outcome.hold:
+                self._hold(path)
+        # Only now is it no longer queued: a rescan in between would otherwise offer it twice.
+        self.queued.discard(path)
+        if path in self.dirty:
+            self.dirty.discard(path)
+            st = self.watches.get(spec.name)
+            if st is not None and path not in self.retry_at:
+                self._offer(st, path)
+        if self.metrics is not None:
+            self.metrics.observe(spec.name, result, outcome)
 
     # ---- reload / status -------------------------------------------------------------------
     def _do_reload(self) -> None:
@@ -399,16 +448,17 @@ class Daemon:
         c = self.counters
         return f"done {c.done}, quarantined {c.quarantined}, backlog {self.backlog()}"
 
-    def _write_status(self) -> None:
+    def _write_status(self, *, running: bool = True) -> None:
         ok, why = self.health()
-        data = {"pid": os.getpid(), "started": self.started, "updated": time.time(), "healthy": ok,
+        data = {"pid": os.getpid(), "running": running, "started": self.started, "updated": time.time(),
+                "healthy": ok,
                 "health": why, "backlog": self.backlog(), "done": self.counters.done,
                 "quarantined": self.counters.quarantined, "by_watch": self.counters.by_watch,
                 "watches": {n: {"available": st.available, "mode": st.folder.mode if st.folder else None,
                                 "pending": len(st.gate)} for n, st in self.watches.items()}}
         self.notifier.status(self._status_text())
         try:
-            write_bytes_atomic(self.cfg.state_dir / "status.json", json.dumps(data, indent=2).encode())
+            write_status_file(self.cfg.state_dir / "status.json", json.dumps(data, indent=2).encode())
         except OSError as exc:
             log.warning("status_write_failed", error=exc.strerror or str(exc))
 

@@ -8,6 +8,7 @@ folder, and only then unlink the source — a crash in between leaves a duplicat
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -39,8 +40,10 @@ def move_file(src: Path, dest: Path) -> Path:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        with atomic_path(dest) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
+        with atomic_path(dest) as tmp:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            shutil.copystat(src, tmp)  # the temp is 0600: the moved original keeps its own mode and times
         os.unlink(src)
         fsync_dir(src.parent)
         return dest
@@ -64,6 +67,18 @@ def quarantine(src: Path, rel: Path, qroot: Path, *, reason: str, stage: str, ex
         **(extra or {}),
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(dest.with_name(dest.name + ".error.json"),
-                       (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode())
+    # backslashreplace: a name with invalid UTF-8 (a surrogate escape) becomes a JSON \udcXX escape,
+    # where a plain encode() would raise and leave the bad scan in the inbox.
+    text = json.dumps(info, indent=2, ensure_ascii=False) + "\n"
+    write_bytes_atomic(error_json_path(dest), text.encode("utf-8", "backslashreplace"))
     return move_file(src, dest)
+
+
+def error_json_path(dest: Path) -> Path:
+    """``<name>.error.json`` beside a quarantined file; shortened (with a hash) past NAME_MAX bytes."""
+    name = dest.name + ".error.json"
+    raw = os.fsencode(name)
+    if len(raw) <= 255:
+        return dest.with_name(name)
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return dest.with_name(os.fsdecode(os.fsencode(dest.name)[:200]) + "~" + digest + ".error.json")

@@ -1,8 +1,9 @@
 """Crash-test failpoints: ``BSHM_WATCHD_FAILPOINT=claimed`` SIGKILLs the process right after that stage.
 
-Points: ``claimed``, ``decoded``, ``temp_written``, ``fsynced``, ``renamed``, ``outputs_written``,
-``committed``, ``disposed``. Several may be given, comma-separated; ``name@N`` fires on the N-th pass
-(1-based) so a test can let a few scans finish first. Unset in production: one getenv per point.
+Points: ``claimed``, ``matted``, ``temp_written``, ``fsynced``, ``renamed`` (the last three once per
+durable file written: each output, an ``.error.json``), ``outputs_written``, ``committed``,
+``disposed``. Several may be given, comma-separated; ``name@N`` fires on the N-th pass (1-based) so
+a test can let a few scans finish first. Unset in production: one getenv per point.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ WAL + ``synchronous=FULL`` so an acknowledged commit survives power loss; both a
 open. The key is the content hash plus the pipeline version: size/mtime/ctime/inode are only a
 hint to skip re-hashing files we have already seen unchanged (ctime catches ``os.utime`` tricks).
 An unreadable ledger stops start-up; it is never silently reset.
+
+Paths are stored as their bytes (``rel`` and ``base`` are BLOBs): a scan named with invalid UTF-8
+must not crash the encoder, and two names must never collapse into one key.
 """
 
 from __future__ import annotations
@@ -21,17 +24,17 @@ from typing import Any
 
 from bshm_watchd.errors import BshmError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS scans (
     id          INTEGER PRIMARY KEY,
     watch       TEXT NOT NULL,
-    rel         TEXT NOT NULL,
+    rel         BLOB NOT NULL,
     sha256      TEXT NOT NULL,
     pipeline    TEXT NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN ('claimed', 'done', 'failed')),
+    state       TEXT NOT NULL CHECK (state IN ('claimed', 'done', 'failed', 'superseded')),
     attempts    INTEGER NOT NULL DEFAULT 0,
     owner       TEXT,
     size        INTEGER,
@@ -39,6 +42,7 @@ CREATE TABLE IF NOT EXISTS scans (
     ctime_ns    INTEGER,
     ino         INTEGER,
     outputs     TEXT,
+    base        BLOB,
     error       TEXT,
     stage       TEXT,
     created_at  REAL NOT NULL,
@@ -47,6 +51,7 @@ CREATE TABLE IF NOT EXISTS scans (
 );
 CREATE INDEX IF NOT EXISTS scans_by_path ON scans (watch, rel, updated_at);
 CREATE INDEX IF NOT EXISTS scans_by_state ON scans (state, updated_at);
+CREATE INDEX IF NOT EXISTS scans_by_base ON scans (watch, base);
 """
 
 
@@ -87,30 +92,55 @@ class Row:
     updated_at: float
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc), to tell a reused PID apart."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid:start``; the start time stops a stale claim from looking alive when its PID was reused
+    (a restarted container gets the same low PIDs every time)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or '-'}"
 
 
 def owner_alive(owner: str | None) -> bool:
     """Is the process that claimed a row still running (on this host)?"""
     if not owner:
         return False
-    host, _, pid = owner.rpartition(":")
+    host, _, rest = owner.partition(":")
+    pid_s, _, start = rest.partition(":")
     if host != socket.gethostname():
         return True  # another host's claim: we cannot tell, so we do not steal it
     try:
-        os.kill(int(pid), 0)
+        pid = int(pid_s)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    except ValueError:
+        pass
+    except (ValueError, OverflowError):
         return False
+    if start and start != "-":
+        now = _start_time(pid)
+        return now is None or now == start
     return True
 
 
+def _b(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _s(blob: bytes | str) -> str:
+    return blob if isinstance(blob, str) else bytes(blob).decode("utf-8", "surrogateescape")
+
+
 class Ledger:
-    """One SQLite connection, used from one thread at a time (the daemon serialises through a lock)."""
+    """One SQLite connection, used from one thread at a time (the daemon gives each thread its own)."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
@@ -129,6 +159,10 @@ class Ledger:
                     raise LedgerError(f"{path}: cannot enable WAL + synchronous=FULL (got {mode}, {sync})")
                 self._db.executescript(SCHEMA)
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                have = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+                if str(have) != str(SCHEMA_VERSION):
+                    raise LedgerError(f"{path}: ledger schema {have}, this version needs {SCHEMA_VERSION}; "
+                                      "it is never converted or reset automatically — move it aside to start over")
             ok = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise LedgerError(f"{path}: ledger is damaged ({ok}); restore it from a backup or move it "
@@ -154,7 +188,7 @@ class Ledger:
     @staticmethod
     def _row(r: sqlite3.Row) -> Row:
         hint = Hint(r["size"], r["mtime_ns"], r["ctime_ns"], r["ino"]) if r["size"] is not None else None
-        return Row(id=r["id"], watch=r["watch"], rel=r["rel"], sha256=r["sha256"], pipeline=r["pipeline"],
+        return Row(id=r["id"], watch=r["watch"], rel=_s(r["rel"]), sha256=r["sha256"], pipeline=r["pipeline"],
                    state=r["state"], attempts=r["attempts"], owner=r["owner"], hint=hint,
                    outputs=json.loads(r["outputs"] or "[]"), error=r["error"], stage=r["stage"],
                    updated_at=r["updated_at"])
@@ -163,12 +197,12 @@ class Ledger:
         """The most recent row for this path under this pipeline."""
         r = self._db.execute(
             "SELECT * FROM scans WHERE watch=? AND rel=? AND pipeline=? ORDER BY updated_at DESC, id DESC LIMIT 1",
-            (watch, rel, pipeline)).fetchone()
+            (watch, _b(rel), pipeline)).fetchone()
         return self._row(r) if r else None
 
     def get(self, watch: str, rel: str, sha256: str, pipeline: str) -> Row | None:
         r = self._db.execute("SELECT * FROM scans WHERE watch=? AND rel=? AND sha256=? AND pipeline=?",
-                             (watch, rel, sha256, pipeline)).fetchone()
+                             (watch, _b(rel), sha256, pipeline)).fetchone()
         return self._row(r) if r else None
 
     def counts(self) -> dict[str, int]:
@@ -181,6 +215,12 @@ class Ledger:
 
     def done_rows(self) -> list[Row]:
         return [self._row(r) for r in self._db.execute("SELECT * FROM scans WHERE state='done'")]
+
+    def base_taken(self, watch: str, base: str, rel: str) -> bool:
+        """Does another scan's done result already live at output ``base`` (``a.jpg`` vs ``a.png``)?"""
+        r = self._db.execute("SELECT 1 FROM scans WHERE watch=? AND base=? AND rel<>? AND state='done' LIMIT 1",
+                             (watch, _b(base), _b(rel))).fetchone()
+        return r is not None
 
     def integrity(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
@@ -198,9 +238,9 @@ class Ledger:
         """
         now = time.time()
         me = owner_id()
+        key = (watch, _b(rel), sha256, pipeline)
         with self._tx() as db:
-            r = db.execute("SELECT * FROM scans WHERE watch=? AND rel=? AND sha256=? AND pipeline=?",
-                           (watch, rel, sha256, pipeline)).fetchone()
+            r = db.execute("SELECT * FROM scans WHERE watch=? AND rel=? AND sha256=? AND pipeline=?", key).fetchone()
             if r is not None:
                 row = self._row(r)
                 if row.state == "done":
@@ -213,17 +253,23 @@ class Ledger:
             else:
                 db.execute("INSERT INTO scans (watch, rel, sha256, pipeline, state, attempts, owner, size, mtime_ns, "
                            "ctime_ns, ino, created_at, updated_at) VALUES (?,?,?,?, 'claimed', 1, ?,?,?,?,?,?,?)",
-                           (watch, rel, sha256, pipeline, me, hint.size, hint.mtime_ns, hint.ctime_ns, hint.ino,
-                            now, now))
-            r = db.execute("SELECT * FROM scans WHERE watch=? AND rel=? AND sha256=? AND pipeline=?",
-                           (watch, rel, sha256, pipeline)).fetchone()
+                           (*key, me, hint.size, hint.mtime_ns, hint.ctime_ns, hint.ino, now, now))
+            r = db.execute("SELECT * FROM scans WHERE watch=? AND rel=? AND sha256=? AND pipeline=?", key).fetchone()
         return self._row(r)
 
-    def done(self, row_id: int, outputs: list[str]) -> None:
-        """Mark done; call only after every output is durable (fsynced and renamed)."""
+    def done(self, row_id: int, outputs: list[str], base: str | None = None) -> None:
+        """Mark done; call only after every output is durable (fsynced and renamed).
+
+        Older done rows of the same path become ``superseded``: their outputs were just overwritten,
+        so if that older content comes back it must be processed again, not skipped as done.
+        """
+        now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE scans SET state='done', outputs=?, error=NULL, stage=NULL, updated_at=? WHERE id=?",
-                       (json.dumps(outputs), time.time(), row_id))
+            db.execute("UPDATE scans SET state='done', outputs=?, base=?, error=NULL, stage=NULL, updated_at=? "
+                       "WHERE id=?", (json.dumps(outputs), None if base is None else _b(base), now, row_id))
+            db.execute("UPDATE scans SET state='superseded', updated_at=? WHERE state='done' AND id<>? AND "
+                       "(watch, rel, pipeline) = (SELECT watch, rel, pipeline FROM scans WHERE id=?)",
+                       (now, row_id, row_id))
 
     def failed(self, row_id: int, error: str, stage: str) -> None:
         with self._tx() as db:

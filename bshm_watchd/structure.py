@@ -14,6 +14,7 @@ import struct
 from typing import BinaryIO
 
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+MAGICS = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"BM", b"RIFF")
 
 
 class Completeness(enum.Enum):
@@ -24,7 +25,15 @@ class Completeness(enum.Enum):
 
 
 def check_file(fh: BinaryIO) -> Completeness:
+    """The verdict on an open file; never raises for any content (a raise would stall the whole gate)."""
     size = os.fstat(fh.fileno()).st_size
+    try:
+        return _check(fh, size)
+    except (struct.error, ValueError, OverflowError):
+        return Completeness.NOT_IMAGE  # nonsense inside the header: the decoder will say what it is
+
+
+def _check(fh: BinaryIO, size: int) -> Completeness:
     if size == 0:
         # A 0-byte file is a scanner's placeholder until proven otherwise.
         return Completeness.INCOMPLETE
@@ -35,6 +44,8 @@ def check_file(fh: BinaryIO) -> Completeness:
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return _tail_is(fh, size, PNG_IEND)
     if head[:4] in (b"II*\x00", b"MM\x00*"):
+        if size < 8:
+            return Completeness.INCOMPLETE  # the first IFD offset is not even there yet
         return _tiff(fh, size, head[:2] == b"II")
     if head[:4] in (b"II+\x00", b"MM\x00+"):
         return Completeness.COMPLETE  # BigTIFF: rare from scanners; the settle window and decoder decide
@@ -44,8 +55,9 @@ def check_file(fh: BinaryIO) -> Completeness:
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         declared = struct.unpack("<I", head[4:8])[0] + 8
         return Completeness.COMPLETE if size >= declared else Completeness.INCOMPLETE
-    if len(head) < 4 and head in (b"\xff", b"\x89", b"I", b"M", b"II", b"MM"):
-        return Completeness.INCOMPLETE  # too short to tell the magic: the first bytes of an image, maybe
+    short = (head.startswith(b"RIFF") and len(head) < 12) or (head.startswith(b"BM") and len(head) < 6)
+    if short or any(m.startswith(head) for m in MAGICS):
+        return Completeness.INCOMPLETE  # the first bytes of an image's magic, and a writer that paused
     return Completeness.NOT_IMAGE
 
 

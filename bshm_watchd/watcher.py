@@ -49,14 +49,37 @@ def choose_mode(spec: WatchSpec, mounts_file: Path = Path("/proc/self/mounts")) 
     return ("poll" if networked else "inotify"), fstype
 
 
+def folder_identity(folder: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a folder that is there and listable; None for a renamed-away or chmod-000 one.
+
+    The identity tells a folder replaced under the same name (a share remounted) from the one an
+    inotify observer is still attached to.
+    """
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    if not os.path.isdir(folder) or not os.access(folder, os.R_OK | os.X_OK):
+        return None
+    return st.st_dev, st.st_ino
+
+
 def path_ignored(rel: Path, patterns: tuple[str, ...]) -> bool:
     """Any component matching an ignore pattern hides the path (``@eaDir/x.jpg``, ``.git/...``)."""
     return any(fnmatch.fnmatchcase(part, pat) for part in rel.parts for pat in patterns)
 
 
-def walk_files(spec: WatchSpec) -> Iterator[Path]:
-    """Every candidate file under the watch's input (no symlinks followed, ignored names skipped)."""
-    root = spec.input
+def walk_files(spec: WatchSpec, start: Path | None = None) -> Iterator[Path]:
+    """Every candidate file under the watch's input, or under ``start`` inside it (a folder that was just
+    created or moved in); no symlinks followed, ignored names skipped."""
+    root = spec.input if start is None else start
+    if start is not None:
+        try:
+            rel = start.relative_to(spec.input)
+        except ValueError:
+            return
+        if path_ignored(rel, spec.ignore) or (rel.parts and not spec.recursive):
+            return
 
     def onerror(exc: OSError) -> None:
         log.warning("rescan_unreadable", watch=spec.name, path=str(exc.filename), reason=exc.strerror)
@@ -88,7 +111,7 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             if event.event_type in ("created", "moved"):
                 # A folder moved in whole brings files no per-file event announces.
-                self.sink(self.spec, Path(os.fsdecode(event.dest_path or event.src_path)))
+                self._offer(event.dest_path or event.src_path)
             return
         if event.event_type in ("created", "modified", "closed"):
             self._offer(event.src_path)
@@ -128,7 +151,11 @@ class FolderWatch:
         return obs
 
     def alive(self) -> bool:
-        return self._observer is not None and bool(self._observer.is_alive())
+        """The observer thread *and* its emitters run (an emitter can die alone, on a vanished share)."""
+        obs = self._observer
+        if obs is None or not obs.is_alive():
+            return False
+        return all(e.is_alive() for e in getattr(obs, "emitters", ()))
 
     def stop(self) -> None:
         obs = self._observer

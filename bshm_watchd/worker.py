@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +19,10 @@ from bshm_watchd.disposal import move_file, quarantine
 from bshm_watchd.engine.base import Matter
 from bshm_watchd.errors import ScanError
 from bshm_watchd.failpoints import failpoint
-from bshm_watchd.ledger import Hint, Ledger
+from bshm_watchd.fsutil import TEMP_PREFIX
+from bshm_watchd.ledger import Hint, Ledger, Row
 from bshm_watchd.pipeline import OutputPaths, ScanMeta, Timings, run_scan, write_outputs
-from bshm_watchd.settle import open_nofollow
+from bshm_watchd.settle import REFUSE_ERRNOS, open_beneath
 
 log = structlog.get_logger(__name__)
 
@@ -33,11 +37,13 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class Outcome:
-    """``done`` | ``skipped`` | ``quarantined`` | ``retry`` | ``changed`` | ``gone``."""
+    """``done`` | ``skipped`` | ``quarantined`` | ``retry`` | ``changed`` | ``gone`` | ``refused``."""
 
     result: str
     reason: str = ""
     ms: float = 0.0
+    hold: bool = False
+    """Leave the file alone until it changes (refused, or done but not disposed of): no retry loop."""
 
 
 def pipeline_key(cfg: Config, watch: WatchSpec, matter_name: str) -> str:
@@ -47,14 +53,35 @@ def pipeline_key(cfg: Config, watch: WatchSpec, matter_name: str) -> str:
 
 
 def hash_profile(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def output_base(watch: WatchSpec, rel: Path) -> Path:
-    """The mirrored output base; confined to the output root whatever the file is called."""
-    base = (watch.output / rel.parent / rel.stem)
+NAME_MAX = 255
+LONGEST_SUFFIX = len("_composite.png") + 1 + 8
+"""The longest thing appended to a stem (an output suffix after a ``_ext`` disambiguation)."""
+
+
+def safe_stem(stem: str) -> str:
+    """``stem``, shortened (with a hash of the whole) when an output name would pass NAME_MAX bytes."""
+    raw = os.fsencode(stem)
+    if len(raw) + LONGEST_SUFFIX <= NAME_MAX:
+        return stem
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    # Cut bytes, not characters: surrogateescape turns a split UTF-8 sequence into escapes, never an error.
+    return os.fsdecode(raw[: NAME_MAX - LONGEST_SUFFIX - 13]) + "~" + digest
+
+
+def output_base(watch: WatchSpec, rel: Path, *, taken: Callable[[Path], bool] = lambda base: False) -> Path:
+    """The mirrored output base; confined to the output root whatever the file is called.
+
+    ``taken(base)`` says another scan's results already live there (``a.jpg`` after ``a.png``): then
+    ``stem_ext`` is used, as ``process`` does for stems that collide in one batch.
+    """
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ScanError(f"output path for {rel} escapes the output folder", stage="write")
+    base = watch.output / rel.parent / safe_stem(rel.stem)
+    if taken(base):
+        base = base.with_name(safe_stem(rel.stem) + "_" + rel.suffix.lstrip(".").lower()[:8])
     out_root = os.path.realpath(watch.output)
     if os.path.commonpath([out_root, os.path.realpath(base.parent)]) != out_root:
         raise ScanError(f"output path for {rel} escapes the output folder", stage="write")
@@ -65,9 +92,12 @@ def outputs_present(paths: list[str]) -> bool:
     return bool(paths) and all(os.path.isfile(p) for p in paths)
 
 
-def read_stable(path: Path, expected: Hint) -> tuple[bytes, Hint] | None:
-    """Read the whole file through one descriptor; None if it changed before or while we read it."""
-    fd = open_nofollow(path)
+def read_stable(root: Path, path: Path, expected: Hint) -> tuple[bytes, Hint] | None:
+    """Read the whole file through one descriptor; None if it changed before or while we read it.
+
+    The descriptor comes from :func:`open_beneath`: no symlink below the watch root is followed.
+    """
+    fd = open_beneath(root, path)
     with os.fdopen(fd, "rb") as fh:
         before = os.fstat(fh.fileno())
         if not stat.S_ISREG(before.st_mode) or Hint.of(before) != expected:
@@ -90,7 +120,13 @@ class ScanWorker:
         self.hook = hook or (lambda stage, item: None)
 
     def already_done(self, watch: WatchSpec, path: Path, hint: Hint) -> bool:
-        """Cheap pre-check for rescans: the latest row for this path is done, unchanged, outputs there."""
+        """Cheap pre-check for rescans: the latest row for this path is done, unchanged, outputs there.
+
+        With ``after_success`` delete or move, a done file still in the inbox means a crash came
+        between commit and disposal: it is not "already done" until it has been disposed of.
+        """
+        if watch.after_success != "keep":
+            return False
         rel = str(path.relative_to(watch.input))
         row = self.ledger.latest(watch.name, rel, pipeline_key(self.cfg, watch, self.matter.name))
         return row is not None and row.state == "done" and row.hint == hint and outputs_present(row.outputs)
@@ -100,28 +136,31 @@ class ScanWorker:
         rel = path.relative_to(watch.input)
         jlog = log.bind(watch=watch.name, rel=str(rel))
         timings = Timings()
+        self.hook("start", item)
         try:
-            got = read_stable(path, item.hint)
+            got = read_stable(watch.input, path, item.hint)
         except FileNotFoundError:
             jlog.info("scan_vanished")
             return Outcome("gone")
         except OSError as exc:
-            jlog.warning("scan_unreadable", reason=exc.strerror)
+            if exc.errno in REFUSE_ERRNOS:
+                # A symlink somewhere in the path, no permission, a FIFO: retrying cannot help.
+                jlog.warning("scan_refused", reason=exc.strerror or str(exc))
+                return Outcome("refused", f"cannot read: {exc.strerror}", hold=True)
+            jlog.warning("scan_unreadable", reason=exc.strerror or str(exc), errno=errno.errorcode.get(exc.errno or 0))
             return Outcome("retry", f"cannot read: {exc.strerror}")
         if got is None:
             jlog.info("scan_changed_before_read")
             return Outcome("changed")
         data, hint = got
-        import hashlib
-
         sha = hashlib.sha256(data).hexdigest()
         key = pipeline_key(self.cfg, watch, self.matter.name)
         existing = self.ledger.get(watch.name, str(rel), sha, key)
         if existing is not None and existing.state == "done":
             if outputs_present(existing.outputs):
                 self.ledger.update_hint(existing.id, hint)
-                self._dispose(watch, path, rel, hint, jlog)
-                return Outcome("skipped", "already done")
+                disposed = self._dispose(watch, path, rel, hint, jlog)
+                return Outcome("skipped", "already done", hold=not disposed)
             jlog.warning("outputs_missing_redo", outputs=existing.outputs)
             self.ledger.release(existing.id, "outputs missing", "verify")
         row = self.ledger.claim(watch.name, str(rel), sha, key, hint)
@@ -143,7 +182,8 @@ class ScanWorker:
                 self.ledger.release(row.id, "source changed while processing", "verify")
                 jlog.info("scan_changed_during_processing")
                 return Outcome("changed")
-            paths = OutputPaths.for_base(output_base(watch, rel))
+            base = output_base(watch, rel, taken=lambda b: self.ledger.base_taken(watch.name, str(b), str(rel)))
+            paths = OutputPaths.for_base(base)
             meta = ScanMeta(source=str(rel), sha256=sha, model=self.matter.name, profile=watch.profile)
             written = write_outputs(paths, decoded, matte, profile, meta, timings)
             failpoint("outputs_written")
@@ -156,13 +196,13 @@ class ScanWorker:
             jlog.exception("scan_crashed")
             err = ScanError(f"internal error {type(exc).__name__}: {exc}", stage="unknown")
             return self._failed(item, rel, row.id, row.attempts, sha, err, jlog, exc_type=type(exc).__name__)
-        self.ledger.done(row.id, [str(p) for p in written])
+        self.ledger.done(row.id, [str(p) for p in written], base=str(base))
         failpoint("committed")
         total = sum(timings.ms.values())
         jlog.info("scan_done", ms=timings.rounded(), total_ms=round(total, 1), sha256=sha[:16],
                   size=list(decoded.size), bit_depth=decoded.bit_depth)
-        self._dispose(watch, path, rel, hint, jlog)
-        return Outcome("done", ms=total)
+        disposed = self._dispose(watch, path, rel, hint, jlog)
+        return Outcome("done", ms=total, hold=not disposed)
 
     def _failed(self, item: WorkItem, rel: Path, row_id: int, attempts: int, sha: str, exc: ScanError,
                 jlog: structlog.typing.FilteringBoundLogger, exc_type: str | None = None) -> Outcome:
@@ -171,28 +211,34 @@ class ScanWorker:
             jlog.warning("scan_retry", stage=exc.stage, reason=str(exc), attempt=attempts)
             return Outcome("retry", str(exc))
         self.ledger.failed(row_id, str(exc), exc.stage)
-        self.quarantine(item, rel, str(exc), exc.stage, exc_type or type(exc).__name__, sha, jlog)
-        return Outcome("quarantined", str(exc))
+        moved = self.quarantine(item, rel, str(exc), exc.stage, exc_type or type(exc).__name__, sha, jlog)
+        return Outcome("quarantined", str(exc), hold=not moved)
 
     def quarantine(self, item: WorkItem, rel: Path, reason: str, stage: str, exc_type: str, sha: str | None,
-                   jlog: structlog.typing.FilteringBoundLogger) -> None:
+                   jlog: structlog.typing.FilteringBoundLogger) -> bool:
+        """Move the scan to the quarantine with its reason; False (logged) when it cannot be moved."""
         try:
             dest = quarantine(item.path, rel, item.watch.quarantine, reason=reason, stage=stage,
                               exc_type=exc_type, sha256=sha)
         except OSError as exc:
             jlog.error("quarantine_failed", reason=reason, error=exc.strerror or str(exc))
-            return
+            return False
         jlog.warning("scan_quarantined", stage=stage, reason=reason, dest=str(dest))
+        return True
 
     def _dispose(self, watch: WatchSpec, path: Path, rel: Path, hint: Hint,
-                 jlog: structlog.typing.FilteringBoundLogger) -> None:
-        """The ``after_success`` action, only on the very file we processed (never a newer one)."""
+                 jlog: structlog.typing.FilteringBoundLogger) -> bool:
+        """The ``after_success`` action, only on the very file we processed (never a newer one).
+
+        False when the file should have gone but could not (read-only share, ...): the daemon then
+        leaves it alone until it changes, instead of retrying — and warning — forever.
+        """
         if watch.after_success == "keep":
-            return
+            return True
         try:
             if Hint.of(os.lstat(path)) != hint:
                 jlog.info("dispose_skipped_changed")
-                return
+                return True
             if watch.after_success == "delete":
                 os.unlink(path)
                 jlog.info("source_deleted")
@@ -200,8 +246,52 @@ class ScanWorker:
                 dest = move_file(path, watch.move_to / rel)
                 jlog.info("source_moved", dest=str(dest))
         except FileNotFoundError:
-            return
+            return True
         except OSError as exc:
             jlog.warning("dispose_failed", error=exc.strerror or str(exc))
-            return
+            return False
         failpoint("disposed")
+        return True
+
+
+# ---- leftovers of a crash --------------------------------------------------------------------
+def sweep_temps(roots: list[Path], ttl: float) -> None:
+    """Remove our own temp files older than ``ttl`` under ``roots`` (a crash between write and rename)."""
+    cutoff = time.time() - ttl
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root, followlinks=False):
+            for name in files:
+                p = Path(dirpath) / name
+                try:
+                    if name.startswith(TEMP_PREFIX) and p.lstat().st_mtime < cutoff:
+                        p.unlink()
+                        log.info("stale_temp_removed", path=str(p))
+                except OSError:
+                    continue
+
+
+def remove_crash_temps(cfg: Config, stale: list[Row]) -> None:
+    """Remove the temp outputs a killed run left beside the scans it had claimed.
+
+    A temp in the output folder of a claim whose owner died, written after that claim, is that
+    run's half-written output: it goes now rather than after the TTL, so a crash leaves no stray
+    ``.png`` among the results (the TTL sweep still covers everything else).
+    """
+    specs = {w.name: w for w in cfg.watch}
+    for row in stale:
+        spec = specs.get(row.watch)
+        if spec is None:
+            continue
+        try:
+            folder = output_base(spec, Path(row.rel)).parent
+            names = os.listdir(folder)
+        except (OSError, ScanError):
+            continue
+        for name in names:
+            p = folder / name
+            try:
+                if name.startswith(TEMP_PREFIX) and p.lstat().st_mtime >= row.updated_at - 1.0:
+                    p.unlink()
+                    log.info("crash_temp_removed", path=str(p), rel=row.rel)
+            except OSError:
+                continue

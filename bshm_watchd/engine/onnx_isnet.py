@@ -5,32 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
-import numpy as np
-import numpy.typing as npt
-
 from bshm_watchd.engine.base import RGB8, Alpha
+from bshm_watchd.engine.isnet_common import isnet_postprocess, isnet_preprocess
 from bshm_watchd.errors import ModelError, ScanError
-
-ISNET_SIZE = 1024
-
-
-def isnet_preprocess(rgb: RGB8, size: int = ISNET_SIZE) -> npt.NDArray[np.float32]:
-    """H×W×3 uint8 RGB → 1×3×size×size float32, RGB/255 − 0.5."""
-    h, w = rgb.shape[:2]
-    interp = cv2.INTER_AREA if max(h, w) > size else cv2.INTER_LINEAR
-    x = cv2.resize(rgb, (size, size), interpolation=interp).astype(np.float32)
-    x = x / 255.0 - 0.5
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
-
-
-def isnet_postprocess(raw: npt.NDArray[np.floating], h: int, w: int) -> Alpha:
-    """Network output (any leading dims, last two spatial) → H×W float32 in [0, 1], min-max normalised."""
-    m = np.asarray(raw, dtype=np.float32).reshape(raw.shape[-2], raw.shape[-1])
-    lo, hi = float(m.min()), float(m.max())
-    m = (m - lo) / (hi - lo) if hi - lo > 1e-6 else np.zeros_like(m)
-    out = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 class OnnxIsnetMatter:
