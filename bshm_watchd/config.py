@@ -216,6 +216,12 @@ def _validate(raw: dict[str, Any], path: Path | None, node: yaml.Node | None) ->
         if w.profile not in cfg.profiles:
             known = ", ".join(sorted(cfg.profiles))
             raise ConfigError(_fmt(path, node, ("watch", i, "profile"), f"unknown profile {w.profile!r} ({known})"))
+        wanted = cfg.profiles[w.profile].matting.model
+        if wanted is not None and wanted != cfg.model:
+            # The daemon loads one model for all watches; silently ignoring the profile would mislead.
+            raise ConfigError(_fmt(path, node, ("watch", i, "profile"),
+                                   f"profile {w.profile!r} asks for model {wanted!r} but the daemon runs "
+                                   f"model {cfg.model!r}; set the top-level model or drop matting.model"))
     return cfg
 
 

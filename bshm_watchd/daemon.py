@@ -410,7 +410,7 @@ class Daemon:
             if st is not None and path not in self.retry_at:
                 self._offer(st, path)
         if self.metrics is not None:
-            self.metrics.observe(spec.name, result, outcome)
+            self.metrics.observe(spec.name, result, outcome, stage_ms=outcome.stages if outcome else None)
 
     # ---- reload / status -------------------------------------------------------------------
     def _do_reload(self) -> None:
@@ -450,6 +450,9 @@ class Daemon:
 
     def _write_status(self, *, running: bool = True) -> None:
         ok, why = self.health()
+        if self.metrics is not None:
+            for name, st in self.watches.items():
+                self.metrics.set_backlog(name, len(st.gate))
         data = {"pid": os.getpid(), "running": running, "started": self.started, "updated": time.time(),
                 "healthy": ok,
                 "health": why, "backlog": self.backlog(), "done": self.counters.done,

@@ -8,7 +8,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -44,6 +44,8 @@ class Outcome:
     ms: float = 0.0
     hold: bool = False
     """Leave the file alone until it changes (refused, or done but not disposed of): no retry loop."""
+    stages: dict[str, float] = field(default_factory=dict)
+    """Milliseconds per pipeline stage, for a finished scan."""
 
 
 def pipeline_key(cfg: Config, watch: WatchSpec, matter_name: str) -> str:
@@ -202,7 +204,7 @@ class ScanWorker:
         jlog.info("scan_done", ms=timings.rounded(), total_ms=round(total, 1), sha256=sha[:16],
                   size=list(decoded.size), bit_depth=decoded.bit_depth)
         disposed = self._dispose(watch, path, rel, hint, jlog)
-        return Outcome("done", ms=total, hold=not disposed)
+        return Outcome("done", ms=total, hold=not disposed, stages=timings.rounded())
 
     def _failed(self, item: WorkItem, rel: Path, row_id: int, attempts: int, sha: str, exc: ScanError,
                 jlog: structlog.typing.FilteringBoundLogger, exc_type: str | None = None) -> Outcome:
