@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -359,3 +360,35 @@ def assert_oracle(lay: Layout, expect: Expect, *, allow_temps: bool = False) -> 
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         db.close()
+
+
+class NotifySocket:
+    """A fake ``$NOTIFY_SOCKET``: collects what the daemon tells systemd."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.path = path
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = start_thread(self._recv)
+
+    def _recv(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def states(self) -> list[str]:
+        """READY / RELOADING / STOPPING in order (status-only messages left out)."""
+        keys = ("READY=1", "RELOADING=1", "STOPPING=1")
+        return [k.split("=")[0] for m in self.messages for k in keys if k in m.split("\n")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()

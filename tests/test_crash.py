@@ -26,6 +26,7 @@ from daemon_helpers import (
     DaemonProcess,
     Expect,
     Layout,
+    NotifySocket,
     assert_oracle,
     decodes,
     done_rels,
@@ -151,38 +152,6 @@ class TestRandomKills:
     def test_many_random_kills(self, tmp_path: Path) -> None:
         """Battery 10 (soak): 200 random SIGKILLs over 500 files → outputs equal the expected set."""
         random_kills(tmp_path, files=500, kills=200, seed=11)
-
-
-class NotifySocket:
-    """A fake ``$NOTIFY_SOCKET``: collects what the daemon tells systemd."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.path = path
-        self.messages: list[str] = []
-        self._stop = threading.Event()
-        self._thread = start_thread(self._recv)
-
-    def _recv(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    def states(self) -> list[str]:
-        """READY / RELOADING / STOPPING in order (status-only messages left out)."""
-        keys = ("READY=1", "RELOADING=1", "STOPPING=1")
-        return [k.split("=")[0] for m in self.messages for k in keys if k in m.split("\n")]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 class TestSignals:
