@@ -8,6 +8,8 @@ coordinates, so memory stays bounded on 6000×9000 scans: only the 8-bit matte i
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
 
 import cv2
@@ -52,12 +54,59 @@ def guided_filter(guide: F32, alpha: Alpha, radius: int, eps: float) -> Alpha:
     return out
 
 
+BAND_SIDE = 600
+"""Closed-form refinement runs on a copy at most this large: 0.2 s a scan on 2 cores."""
+
+
+def _disc(radius: int) -> npt.NDArray[Any]:
+    k: npt.NDArray[Any] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return k
+
+
+def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: float = 0.9) -> Alpha:
+    """Re-solve the uncertain band of ``alpha`` with closed-form matting (Levin et al., via pymatting).
+
+    The trimap comes from the model's own alpha: ``> sure`` (eroded by ``band`` px) is foreground,
+    ``< 1 − sure`` background, the rest unknown. Solved at ≤ ``BAND_SIDE`` px, pasted back only in
+    the unknown band. Measured on ``bshm-watchd eval`` (60 composites): mean SAD 47.4 → 45.8,
+    median 14.5 → 11.9; a wider band or a larger copy measured worse or slower.
+    """
+    from pymatting import estimate_alpha_cf
+
+    h, w = alpha.shape
+    scale = min(1.0, BAND_SIDE / max(h, w))
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    a_s = cv2.resize(alpha, (sw, sh), interpolation=cv2.INTER_AREA) if scale < 1 else alpha
+    im_s = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    fg = cv2.erode((a_s > sure).astype(np.uint8), _disc(band))
+    bg = cv2.erode((a_s < 1.0 - sure).astype(np.uint8), _disc(band))
+    unknown = (fg == 0) & (bg == 0)
+    if not unknown.any() or not fg.any() or not bg.any():
+        return alpha
+    trimap = np.full((sh, sw), 0.5)
+    trimap[fg > 0] = 1.0
+    trimap[bg > 0] = 0.0
+    try:
+        # pymatting's incomplete-Cholesky preconditioner print()s a warning and retries on the
+        # ill-conditioned systems faded prints give; keep that off stdout (the daemon's JSON log).
+        # Jacobi avoids the print but measured 5x slower for the same mattes.
+        with contextlib.redirect_stdout(io.StringIO()):
+            solved = estimate_alpha_cf(im_s.astype(np.float64) / 255.0, trimap)
+    except (ValueError, np.linalg.LinAlgError, ArithmeticError):
+        return alpha
+    up = cv2.resize(solved.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    where = cv2.resize(unknown.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    out: Alpha = alpha.copy()
+    out[where] = np.clip(up[where], 0.0, 1.0)
+    return out
+
+
 def upsample_matte(
     alpha_small: Alpha,
     guide_small: F32,
     full_rgb: npt.NDArray[Any],
     *,
-    radius: int = 4,
+    radius: int = 2,
     eps: float = 1e-4,
     edge_aware: bool = True,
 ) -> npt.NDArray[Any]:
