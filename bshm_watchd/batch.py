@@ -84,13 +84,27 @@ def collect(inputs: Iterable[Path], out_dir: Path, ignore: Iterable[str] = ()) -
 
 
 def output_bases(jobs: list[Job], out_dir: Path) -> dict[Job, Path]:
-    """``out_dir/rel_parent/stem``; scans that share a stem in one folder get ``stem_ext`` instead."""
+    """``out_dir/rel_parent/stem``; scans that share a stem in one folder get ``stem_ext`` instead (then
+    ``stem_ext_2`` ...). Names are compared case-folded: on a case-insensitive share ``a.jpg`` and ``a.JPG``
+    would otherwise overwrite each other's outputs."""
+
+    def key(p: Path) -> str:
+        return str(p).casefold()
+
     plain = {job: out_dir / job.rel.parent / job.rel.stem for job in jobs}
-    counts = Counter(plain.values())
-    return {
-        job: (base if counts[base] == 1 else base.with_name(f"{job.rel.stem}_{job.rel.suffix.lstrip('.').lower()}"))
-        for job, base in plain.items()
-    }
+    counts = Counter(key(p) for p in plain.values())
+    bases = {job: base for job, base in plain.items() if counts[key(base)] == 1}
+    taken = {key(p) for p in bases.values()}
+    for job, base in plain.items():
+        if job in bases:
+            continue
+        first = base.with_name(f"{job.rel.stem}_{job.rel.suffix.lstrip('.').lower()}")
+        cand, n = first, 2
+        while key(cand) in taken:
+            cand, n = first.with_name(f"{first.name}_{n}"), n + 1
+        taken.add(key(cand))
+        bases[job] = cand
+    return {job: bases[job] for job in jobs}
 
 
 class Progress:
@@ -135,7 +149,10 @@ def run_batch(
     profile_name: str,
     *,
     err: TextIO | None = None,
+    workers: int | None = None,
 ) -> BatchSummary:
+    """Process every scan under ``inputs``; several scans go through the overlapped :class:`ScanPipeline`
+    (``workers``, default ``cfg.workers``; 0 = one per core), a single scan runs in this process."""
     stream = err or sys.stderr
     profile = cfg.profile(profile_name)
     t0 = time.monotonic()
@@ -143,26 +160,63 @@ def run_batch(
     bases = output_bases(jobs, out_dir)
     summary = BatchSummary(skipped=skipped)
     bar = Progress(len(jobs), stream)
+    if len(jobs) > 1:
+        _run_parallel(jobs, bases, matter, cfg, profile, profile_name, summary, bar, stream,
+                      cfg.workers if workers is None else workers)
+    else:
+        _run_sequential(jobs, bases, matter, cfg, profile, profile_name, summary, bar, stream)
+    bar.update(len(jobs), "")
+    bar.close()
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _report_failure(job: Job, reason: str, stage: str, summary: BatchSummary, bar: Progress, stream: TextIO) -> None:
+    summary.failed += 1
+    if bar.on:
+        stream.write("\n")
+    stream.write(f"FAILED {job.src}: {reason}\n")
+    log.warning("scan_failed", src=str(job.src), stage=stage, reason=reason)
+
+
+def _run_sequential(
+    jobs: list[Job], bases: dict[Job, Path], matter: Matter, cfg: Config, profile: Profile, profile_name: str,
+    summary: BatchSummary, bar: Progress, stream: TextIO,
+) -> None:
     for i, job in enumerate(jobs, 1):
         bar.update(i - 1, job.rel.name)
         try:
             timings = process_one(job, bases[job], matter, profile, profile_name, cfg)
         except BshmError as exc:
-            summary.failed += 1
-            stage = exc.stage if isinstance(exc, ScanError) else "setup"
-            if bar.on:
-                stream.write("\n")
-            stream.write(f"FAILED {job.src}: {exc}\n")
-            log.warning("scan_failed", src=str(job.src), stage=stage, reason=str(exc))
+            _report_failure(job, str(exc), exc.stage if isinstance(exc, ScanError) else "setup", summary, bar, stream)
             continue
         except Exception as exc:  # a decoder or runtime bug on one file must not stop the batch
-            summary.failed += 1
-            stream.write(f"FAILED {job.src}: internal error {type(exc).__name__}: {exc}\n")
+            _report_failure(job, f"internal error {type(exc).__name__}: {exc}", "internal", summary, bar, stream)
             log.exception("scan_crashed", src=str(job.src))
             continue
         summary.done += 1
         log.info("scan_done", src=str(job.src), ms=timings.rounded())
-    bar.update(len(jobs), "")
-    bar.close()
-    summary.seconds = time.monotonic() - t0
-    return summary
+
+
+def _run_parallel(
+    jobs: list[Job], bases: dict[Job, Path], matter: Matter, cfg: Config, profile: Profile, profile_name: str,
+    summary: BatchSummary, bar: Progress, stream: TextIO, workers: int,
+) -> None:
+    from bshm_watchd.parallel import ScanPipeline, ScanTask
+
+    tasks = (ScanTask(src=job.src, out_base=bases[job], profile=profile, profile_name=profile_name,
+                      source=str(job.rel), tag=job) for job in jobs)
+    n = 0
+    with ScanPipeline(matter, max_pixels=cfg.max_pixels, workers=workers) as pipe:
+        for result in pipe.run(tasks):
+            n += 1
+            bar.update(n, result.task.src.name)
+            job = result.task.tag
+            if result.ok:
+                summary.done += 1
+                log.info("scan_done", src=str(job.src), ms={k: round(v, 1) for k, v in result.ms.items()})
+            else:
+                reason = result.error or "failed"
+                if result.crashed and not reason.startswith("internal error"):
+                    reason = f"internal error: {reason}"
+                _report_failure(job, reason, result.stage or "internal", summary, bar, stream)

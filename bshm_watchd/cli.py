@@ -192,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("-c", "--config", type=Path, required=True)
     cc.set_defaults(func=cmd_check_config)
 
+    from bshm_watchd.bench import add_bench_parser
     from bshm_watchd.evaluation.command import add_eval_parser
     from bshm_watchd.review import add_review_parser
 
     add_review_parser(sub)
     add_eval_parser(sub)
+    add_bench_parser(sub)
 
     md = sub.add_parser("models", help="list, fetch, verify or add models")
     md.add_argument("-c", "--config", type=Path, default=None)

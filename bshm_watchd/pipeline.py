@@ -24,7 +24,7 @@ from bshm_watchd.decode import Decoded, decode_bytes, to_8bit
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
 from bshm_watchd.errors import ScanError
 from bshm_watchd.fsutil import atomic_path, write_bytes_atomic
-from bshm_watchd.refine import F32, grey01, upsample_matte
+from bshm_watchd.refine import F32, STRIP_ROWS, grey01, guided_coefficients, refine_band, upsample_matte
 from bshm_watchd.steps import apply_steps
 
 Matte8 = npt.NDArray[Any]
@@ -87,17 +87,29 @@ def bounded_size(w: int, h: int, max_side: int) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
+def bounded_copy(decoded: Decoded, max_side: int) -> RGB8:
+    """8-bit RGB no longer than ``max_side``; a 16-bit scan is resized first, so no full-size 8-bit copy exists."""
+    w, h = decoded.size
+    sw, sh = bounded_size(w, h, max_side)
+    rgb: npt.NDArray[Any] = decoded.rgb
+    if (sw, sh) != (w, h):
+        rgb = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(to_8bit(rgb))
+
+
+def analysis_image(small: RGB8, profile: Profile) -> RGB8:
+    """The profile's analysis steps over the bounded copy: what the model sees."""
+    try:
+        return apply_steps(np.ascontiguousarray(small), profile.analysis)
+    except cv2.error as exc:
+        raise ScanError(f"analysis step failed: {exc}", stage="analysis") from exc
+
+
 def prepare(decoded: Decoded, profile: Profile, timings: Timings) -> Prepared:
     with timings.stage("analysis"):
-        rgb8 = to_8bit(decoded.rgb)
-        w, h = decoded.size
-        sw, sh = bounded_size(w, h, profile.matting.max_side)
-        small = rgb8 if (sw, sh) == (w, h) else cv2.resize(rgb8, (sw, sh), interpolation=cv2.INTER_AREA)
+        small = bounded_copy(decoded, profile.matting.max_side)
         guide = grey01(small)
-        try:
-            analysis = apply_steps(np.ascontiguousarray(small), profile.analysis)
-        except cv2.error as exc:
-            raise ScanError(f"analysis step failed: {exc}", stage="analysis") from exc
+        analysis = analysis_image(small, profile)
     return Prepared(decoded=decoded, analysis=analysis, guide=guide)
 
 
@@ -106,11 +118,35 @@ def finish_matte(prepared: Prepared, alpha: Alpha, profile: Profile, timings: Ti
     if alpha.shape != prepared.analysis.shape[:2]:
         raise ScanError(f"model returned alpha {alpha.shape}, expected {prepared.analysis.shape[:2]}",
                         stage="matting")
+    return full_matte(prepared.decoded, prepared.guide, alpha, profile, timings)
+
+
+def full_matte(decoded: Decoded, guide: F32, alpha: Alpha, profile: Profile, timings: Timings) -> Matte8:
+    """Upsample the analysis-size alpha to the scan, edge-aware along ``guide``; apply the scan's own alpha."""
     with timings.stage("refine"):
-        matte = upsample_matte(alpha, prepared.guide, prepared.decoded.rgb, edge_aware=profile.matting.refine)
-        if prepared.decoded.alpha is not None:
-            matte = (matte.astype(np.float32) * prepared.decoded.alpha + 0.5).astype(np.uint8)
+        if profile.matting.refine:
+            alpha = refine_band(alpha, decoded.rgb)
+        if alpha.shape == guide.shape == decoded.rgb.shape[:2] and decoded.rgb.dtype == np.uint8:
+            # The analysis copy is the scan itself (≤ max_side): the same guided filter without the
+            # identity remaps and the guide's recomputation; bit-identical to upsample_matte's result.
+            smooth = guided_filter_unclipped(guide, alpha) if profile.matting.refine else alpha
+            matte = np.clip(smooth * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        else:
+            matte = upsample_matte(alpha, guide, decoded.rgb, edge_aware=profile.matting.refine)
+        if decoded.alpha is not None:
+            for y0 in range(0, matte.shape[0], STRIP_ROWS):  # strips: no full-size float32 copies
+                band = matte[y0:y0 + STRIP_ROWS]
+                band[...] = (band.astype(np.float32) * decoded.alpha[y0:y0 + STRIP_ROWS] + 0.5).astype(np.uint8)
     return matte
+
+
+def guided_filter_unclipped(guide: F32, alpha: Alpha) -> F32:
+    """``A·I + B`` before the 8-bit rounding, with upsample_matte's own radius and eps (read from it, so
+    the fast path and the general one cannot drift apart)."""
+    kw = upsample_matte.__kwdefaults__ or {}
+    a, b = guided_coefficients(guide, alpha, int(kw["radius"]), float(kw["eps"]))
+    out: F32 = a * guide + b
+    return out
 
 
 def render_foreground(decoded: Decoded, matte: Matte8, profile: Profile) -> npt.NDArray[Any]:
@@ -122,44 +158,66 @@ def render_foreground(decoded: Decoded, matte: Matte8, profile: Profile) -> npt.
     rgb: npt.NDArray[Any] = decoded.rgb
     if profile.delivery:
         rgb = apply_steps(to_8bit(decoded.rgb), profile.delivery)
-    h, w = matte.shape
-    out = np.empty((h, w, 4), dtype=rgb.dtype)
-    out[..., 0] = rgb[..., 2]
-    out[..., 1] = rgb[..., 1]
-    out[..., 2] = rgb[..., 0]
+    out: npt.NDArray[Any] = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGRA)
     out[..., 3] = matte if rgb.dtype == np.uint8 else matte.astype(np.uint16) * 257
-    # Zeroed RGB under alpha 0: smaller, faster PNGs, and no hidden background pixels leak out.
-    out[matte == 0, :3] = 0
+    # Zeroed pixels under alpha 0: smaller, faster PNGs, and no hidden background pixels leak out.
+    # Strip-wise, so a 6000×9000 scan needs no full-size boolean mask on top of the cut-out.
+    for y0 in range(0, matte.shape[0], STRIP_ROWS):
+        band = out[y0:y0 + STRIP_ROWS]
+        band[matte[y0:y0 + STRIP_ROWS] == 0] = 0
     return out
+
+
+def _backdrop(backdrop: str, w: int, h: int) -> tuple[tuple[int, int, int] | None, npt.NDArray[Any] | None]:
+    """A constant RGB colour, or an RGB uint8 image of the scan's size."""
+    colours = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
+    if backdrop in colours:
+        return colours[backdrop], None
+    if backdrop.startswith("#"):
+        r, g, b = (int(backdrop[i:i + 2], 16) for i in (1, 3, 5))
+        return (r, g, b), None
+    img = cv2.imread(backdrop, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ScanError(f"composite backdrop {backdrop} cannot be read", stage="write")
+    return None, cv2.cvtColor(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
 
 
 def composite_over(decoded: Decoded, matte: Matte8, backdrop: str) -> npt.NDArray[Any]:
-    """BGR 8-bit composite of the cut-out over a colour or a backdrop image."""
-    rgb = to_8bit(decoded.rgb).astype(np.float32)
+    """BGR 8-bit composite of the cut-out over a colour or a backdrop image.
+
+    Works in strips: whole-image float32 copies of a 6000×9000 scan would cost ~2 GB.
+    """
     h, w = matte.shape
-    colours = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
-    if backdrop in colours:
-        bg = np.empty_like(rgb)
-        bg[...] = colours[backdrop]
-    elif backdrop.startswith("#"):
-        bg = np.empty_like(rgb)
-        bg[...] = tuple(int(backdrop[i:i + 2], 16) for i in (1, 3, 5))
-    else:
-        img = cv2.imread(backdrop, cv2.IMREAD_COLOR)
-        if img is None:
-            raise ScanError(f"composite backdrop {backdrop} cannot be read", stage="write")
-        bg = cv2.cvtColor(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB).astype(np.float32)
-    a = (matte.astype(np.float32) / 255.0)[..., None]
-    comp = np.clip(rgb * a + bg * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
-    out: npt.NDArray[Any] = cv2.cvtColor(comp, cv2.COLOR_RGB2BGR)
+    colour, image = _backdrop(backdrop, w, h)
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    for y0 in range(0, h, STRIP_ROWS):
+        y1 = min(h, y0 + STRIP_ROWS)
+        rgb = to_8bit(decoded.rgb[y0:y1]).astype(np.float32)
+        bg = np.asarray(colour, dtype=np.float32) if image is None else image[y0:y1].astype(np.float32)
+        a = (matte[y0:y1].astype(np.float32) / 255.0)[..., None]
+        comp = np.clip(rgb * a + bg * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
+        out[y0:y1] = comp[..., ::-1]
     return out
+
+
+def png_params(compression: int) -> list[int]:
+    """cv2 PNG settings: the row filter "Up" where OpenCV exposes it (≥ 4.11).
+
+    Measured on 1024×1536 cut-outs at level 1: 87 ms and 2 % smaller with "Up", 155 ms with
+    libpng's adaptive default; the matte encodes 2.5× faster too.
+    """
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compression]
+    up = getattr(cv2, "IMWRITE_PNG_FILTER_UP", None)
+    if up is not None and compression > 0:
+        params += [cv2.IMWRITE_PNG_FILTER, up]
+    return params
 
 
 def write_png(path: Path, arr: npt.NDArray[Any], compression: int) -> None:
     """Durable PNG write: temp beside the final name, fsync, rename, fsync the folder."""
     try:
         with atomic_path(path, suffix=".png") as tmp:
-            if not cv2.imwrite(str(tmp), arr, [cv2.IMWRITE_PNG_COMPRESSION, compression]):
+            if not cv2.imwrite(str(tmp), arr, png_params(compression)):
                 raise ScanError(f"cannot encode {path.name}", stage="write")
     except OSError as exc:
         raise ScanError(f"cannot write {path}: {exc.strerror or exc}", stage="write",

@@ -77,7 +77,9 @@ def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: flo
     scale = min(1.0, BAND_SIDE / max(h, w))
     sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
     a_s = cv2.resize(alpha, (sw, sh), interpolation=cv2.INTER_AREA) if scale < 1 else alpha
-    im_s = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    # ``rgb`` may be the full-size scan (8 or 16 bit): shrink it straight to the solve size.
+    full = 255.0 if rgb.dtype == np.uint8 else 65535.0
+    im_s = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float64) / full
     fg = cv2.erode((a_s > sure).astype(np.uint8), _disc(band))
     bg = cv2.erode((a_s < 1.0 - sure).astype(np.uint8), _disc(band))
     unknown = (fg == 0) & (bg == 0)
@@ -91,7 +93,7 @@ def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: flo
         # ill-conditioned systems faded prints give; keep that off stdout (the daemon's JSON log).
         # Jacobi avoids the print but measured 5x slower for the same mattes.
         with contextlib.redirect_stdout(io.StringIO()):
-            solved = estimate_alpha_cf(im_s.astype(np.float64) / 255.0, trimap)
+            solved = estimate_alpha_cf(im_s, trimap)
     except (ValueError, np.linalg.LinAlgError, ArithmeticError):
         return alpha
     up = cv2.resize(solved.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)

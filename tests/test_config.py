@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from bshm_watchd.config import default_config, load_config
 from bshm_watchd.errors import ConfigError
-from bshm_watchd.steps import Clahe, Median
+from bshm_watchd.steps import EqualizeYuv, NlMeans
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,11 +39,12 @@ class TestValidConfig:
         assert "my-studio" in cfg.profiles and "old-photo" in cfg.profiles
 
     def test_default_config_has_builtin_profiles(self) -> None:
-        """Without a file, the built-in profiles are there and old-photo carries clahe then median."""
+        """Without a file, the built-in profiles are there; seed-enhance carries equalize_yuv then nlmeans."""
         cfg = default_config()
         assert {"default", "old-photo", "raw", "seed-enhance"} <= set(cfg.profiles)
-        steps = cfg.profile("old-photo").analysis
-        assert isinstance(steps[0], Clahe) and isinstance(steps[1], Median)
+        steps = cfg.profile("seed-enhance").analysis
+        assert isinstance(steps[0], EqualizeYuv) and isinstance(steps[1], NlMeans)
+        assert cfg.profile("old-photo").outputs.sidecar is True
 
     def test_user_profile_replaces_builtin(self, tmp_path: Path) -> None:
         """A config's profile with a built-in name replaces the built-in one."""
@@ -174,8 +175,8 @@ class TestFrozen:
         assert isinstance(cfg.watch, tuple)
         with pytest.raises(ValidationError):
             cfg.watch[0].input = tmp_path  # type: ignore[misc]
-        profile = cfg.profile("old-photo")
+        profile = cfg.profile("seed-enhance")
         with pytest.raises(ValidationError):
             profile.matting.max_side = 512  # type: ignore[misc]
         with pytest.raises(ValidationError):
-            profile.analysis[0].clip = 9.0  # type: ignore[misc, union-attr]
+            profile.analysis[1].h = 9.0  # type: ignore[misc, union-attr]

@@ -10,6 +10,9 @@ import pytest
 from bshm_watchd import refine
 from bshm_watchd.refine import grey01, guided_filter, upsample_matte
 
+RADIUS = int((upsample_matte.__kwdefaults__ or {})["radius"])
+"""The production default, so the reference follows it."""
+
 F64 = npt.NDArray[np.float64]
 
 
@@ -46,10 +49,11 @@ def reference_matte(
     alpha: npt.NDArray[np.float32],
     guide: npt.NDArray[np.float32],
     full: npt.NDArray[np.uint8] | npt.NDArray[np.uint16],
-    r: int = 4,
+    r: int | None = None,
     eps: float = 1e-4,
 ) -> npt.NDArray[np.uint8]:
     """Fast guided filter computed in one piece at full size, in float64."""
+    r = RADIUS if r is None else r
     g, p = guide.astype(np.float64), alpha.astype(np.float64)
     mi, mp = box(g, r), box(p, r)
     a = (box(g * p, r) - mi * mp) / (box(g * g, r) - mi * mi + eps)
@@ -99,7 +103,7 @@ class TestUpsampleShape:
         alpha[20:44, 25:55] = 1
         g = grey01(full)
         m = upsample_matte(alpha, g, full)
-        expected = np.clip(guided_filter(g, alpha, 4, 1e-4) * 255 + 0.5, 0, 255).astype(np.uint8)
+        expected = np.clip(guided_filter(g, alpha, RADIUS, 1e-4) * 255 + 0.5, 0, 255).astype(np.uint8)
         assert np.abs(m.astype(int) - expected.astype(int)).max() <= 1
 
 

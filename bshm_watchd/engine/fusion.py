@@ -16,6 +16,7 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,9 +39,9 @@ class FusionParams:
     """Dilation around kept components before the soft gate."""
 
 
-def _disc(radius: float) -> npt.NDArray[np.uint8]:
+def _disc(radius: float) -> npt.NDArray[Any]:
     r = max(1, round(radius))
-    k: npt.NDArray[np.uint8] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    k: npt.NDArray[Any] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     return k
 
 
@@ -64,8 +65,8 @@ def _largest_components(alpha: Alpha, params: FusionParams) -> Alpha:
     keep = np.zeros(n, dtype=bool)
     keep[1:] = areas >= params.min_component * areas.max()
     kept = keep[labels].astype(np.uint8)
-    gate = cv2.dilate(kept, _disc(params.keep_margin * side)).astype(np.float32)
-    gate = cv2.GaussianBlur(gate, (0, 0), params.keep_margin * side / 2 + 1)
+    dilated = cv2.dilate(kept, _disc(params.keep_margin * side)).astype(np.float32)
+    gate = cv2.GaussianBlur(dilated, (0, 0), params.keep_margin * side / 2 + 1)
     out: Alpha = alpha * gate
     return out
 
@@ -94,6 +95,8 @@ class FusionMatter:
         self.semantic = semantic
         self.fine = fine
         self.params = params or FusionParams()
+        # The batched pipeline sizes GPU batches from this; isnet is the part that batches.
+        self.batch_size = int(getattr(fine, "batch_size", 1))
 
     def predict(self, rgb: RGB8) -> Alpha:
         return fuse(self.semantic.predict(rgb), self.fine.predict(rgb), self.params)
