@@ -272,7 +272,9 @@ def write_outputs(
             "ms": timings.rounded(),
         }
         try:
-            write_bytes_atomic(paths.sidecar, (json.dumps(side, indent=2, ensure_ascii=False) + "\n").encode())
+            # A file name with invalid UTF-8 arrives as surrogates: keep it visible, never fail the scan on it.
+            text = json.dumps(side, indent=2, ensure_ascii=False) + "\n"
+            write_bytes_atomic(paths.sidecar, text.encode("utf-8", "backslashreplace"))
         except OSError as exc:
             raise ScanError(f"cannot write {paths.sidecar}: {exc.strerror or exc}", stage="write",
                             transient=True) from exc

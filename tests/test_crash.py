@@ -134,6 +134,9 @@ def random_kills(tmp_path: Path, files: int, kills: int, seed: int) -> None:
         no_partial_outputs(lay)
     last = DaemonProcess(lay, tag="last").start()
     try:
+        # Ready first: the earlier runs may have finished everything, and a SIGTERM that lands while
+        # the interpreter is still importing (no handler yet) ends it by the signal, not with 0.
+        last.wait_ready()
         wait_for(lambda: done_rels(lay) == ex.good, 60 + files, "every scan done")
     finally:
         assert last.terminate(30) == 0

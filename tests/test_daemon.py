@@ -417,8 +417,6 @@ class TestBadInput:
         assert {Path(o).name for o in outputs_of(lay, "twin.png")} == {"twin_png_fg.png", "twin_png_matte.png"}
         assert_oracle(lay, ex)
 
-    @pytest.mark.xfail(strict=True, reason="pipeline.write_outputs encodes the sidecar JSON with a plain "
-                       ".encode(): a name with invalid UTF-8 raises UnicodeEncodeError (lead's file)")
     def test_invalid_utf8_name_with_sidecar(self, tmp_path: Path) -> None:
         """Battery 26: a name that is not valid UTF-8 is processed with a sidecar too."""
         lay = make_layout(tmp_path, mode="inotify")
