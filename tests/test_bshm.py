@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -226,3 +227,39 @@ class TestBshmMatter:
         """A device string outside auto|cpu|cuda|cuda:N is a ConfigError at construction."""
         with pytest.raises(ConfigError, match="tpu"):
             BshmMatter(write_graph(tmp_path / "g.pb"), device="tpu")
+
+
+class TestCommandLine:
+    def test_register_then_process(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The issue's check: `models add bshm` accepts a red>128 graph; `process --model bshm` cuts the red square."""
+        import cv2
+
+        from bshm_watchd.cli import main
+
+        models = tmp_path / "models"
+        graph = write_graph(tmp_path / "tf_graph.pb")
+        assert main(["models", "--model-dir", str(models), "add", "bshm", str(graph)]) == 0
+        listed = capsys.readouterr()
+        assert main(["models", "--model-dir", str(models), "list", "--json"]) == 0
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+        assert rows["bshm"]["present"] and rows["bshm"]["sha256"], listed
+        img, mask = square_image(240, 320, RED, BLUE)
+        src = tmp_path / "in" / "red square.png"
+        src.parent.mkdir()
+        cv2.imwrite(str(src), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        out = tmp_path / "out"
+        rc = main(["process", "-i", str(src.parent), "-d", str(out), "--model", "bshm", "--device", "cpu",
+                   "--model-dir", str(models)])
+        assert rc == 0
+        matte = cv2.imread(str(out / "red square_matte.png"), cv2.IMREAD_UNCHANGED)
+        assert iou(matte.astype(np.float32) / 255.0, mask) >= 0.97
+
+    def test_wrong_input_name_refused(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A graph whose input is `image` is refused, naming `input_image`, and nothing is registered."""
+        from bshm_watchd.cli import main
+
+        models = tmp_path / "models"
+        graph = write_graph(tmp_path / "bad.pb", input_name="image")
+        assert main(["models", "--model-dir", str(models), "add", "bshm", str(graph)]) != 0
+        assert "input_image" in capsys.readouterr().err
+        assert not (models / "bshm.pb").exists()
