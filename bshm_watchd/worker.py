@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -90,6 +91,29 @@ def output_base(watch: WatchSpec, rel: Path, *, taken: Callable[[Path], bool] = 
     return base
 
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def out_of_space(exc: BaseException, folder: Path, need: int) -> bool:
+    """Did a write into ``folder`` fail because its filesystem is full (or over quota)?
+
+    An OSError in the chain says so by its errno. cv2.imwrite says nothing: on ENOSPC libpng reports
+    "Write Error", OpenCV removes the file and returns False (a "cannot encode" ScanError); then the free
+    space decides — fewer than ``need`` bytes left (the outputs' uncompressed size) means the disk.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a bounded walk down the chain: no loop on an odd, cyclic one
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < need
+    except OSError:
+        return False
+
+
 def outputs_present(paths: list[str]) -> bool:
     return bool(paths) and all(os.path.isfile(p) for p in paths)
 
@@ -171,9 +195,11 @@ class ScanWorker:
         failpoint("claimed")
         self.hook("claimed", item)
         profile = self.cfg.profile(watch.profile)
+        need = 0
         try:
             decoded, matte, timings = run_scan(data, path.name, self.matter, profile,
                                                max_pixels=self.cfg.max_pixels, timings=timings)
+            need = 3 * decoded.rgb.nbytes  # ≥ cut-out + matte + composite, uncompressed
             failpoint("matted")
             # The source must still be what we hashed: an append after our read means a newer scan.
             try:
@@ -190,6 +216,13 @@ class ScanWorker:
             written = write_outputs(paths, decoded, matte, profile, meta, timings)
             failpoint("outputs_written")
         except ScanError as exc:
+            if exc.stage == "write" and out_of_space(exc, watch.output, need):
+                # A full output disk is the site's fault, not the scan's: give the claim back and retry
+                # after the back-off for as long as it lasts. Counted toward max_attempts (or, with
+                # cv2's bare False, taken for a bad image) it quarantined good scans (battery 27).
+                self.ledger.release(row.id, f"output disk full: {exc}", exc.stage)
+                jlog.error("scan_paused_disk_full", reason=str(exc), output=str(watch.output))
+                return Outcome("retry", f"output disk full: {exc}")
             return self._failed(item, rel, row.id, row.attempts, sha, exc, jlog)
         except MemoryError as exc:
             return self._failed(item, rel, row.id, row.attempts, sha,
