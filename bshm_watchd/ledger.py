@@ -276,11 +276,16 @@ class Ledger:
             db.execute("UPDATE scans SET state='failed', error=?, stage=?, updated_at=? WHERE id=?",
                        (error, stage, time.time(), row_id))
 
-    def release(self, row_id: int, error: str, stage: str) -> None:
-        """Give a claim back (transient error, or the source changed underneath): retried later."""
+    def release(self, row_id: int, error: str, stage: str, *, counts: bool = True) -> None:
+        """Give a claim back (transient error, or the source changed underneath): retried later.
+
+        ``counts=False`` takes back the attempt the claim added: a full output disk is not the scan's
+        fault, and after a long outage the first real transient error must not quarantine it at once.
+        """
         with self._tx() as db:
-            db.execute("UPDATE scans SET state='failed', owner=NULL, error=?, stage=?, updated_at=? WHERE id=?",
-                       (error, stage, time.time(), row_id))
+            db.execute("UPDATE scans SET state='failed', owner=NULL, error=?, stage=?, updated_at=?, "
+                       "attempts=MAX(0, attempts - ?) WHERE id=?",
+                       (error, stage, time.time(), 0 if counts else 1, row_id))
 
     def update_hint(self, row_id: int, hint: Hint) -> None:
         with self._tx() as db:

@@ -218,9 +218,9 @@ class ScanWorker:
         except ScanError as exc:
             if exc.stage == "write" and out_of_space(exc, watch.output, need):
                 # A full output disk is the site's fault, not the scan's: give the claim back and retry
-                # after the back-off for as long as it lasts. Counted toward max_attempts (or, with
+                # after the back-off for as long as it lasts, without counting an attempt. Counted (or, with
                 # cv2's bare False, taken for a bad image) it quarantined good scans (battery 27).
-                self.ledger.release(row.id, f"output disk full: {exc}", exc.stage)
+                self.ledger.release(row.id, f"output disk full: {exc}", exc.stage, counts=False)
                 jlog.error("scan_paused_disk_full", reason=str(exc), output=str(watch.output))
                 return Outcome("retry", f"output disk full: {exc}")
             return self._failed(item, rel, row.id, row.attempts, sha, exc, jlog)

@@ -126,3 +126,14 @@ class TestLedger:
             assert latest is not None and latest.state == "done"
         finally:
             reader.close()
+
+    def test_release_without_counting(self, ledger: Ledger) -> None:
+        """A release with counts=False takes back the claim's attempt; a normal release keeps it."""
+        row = ledger.claim("w", "a.jpg", "s" * 64, "p", H)
+        assert row is not None and row.attempts == 1
+        ledger.release(row.id, "output disk full", "write", counts=False)
+        again = ledger.claim("w", "a.jpg", "s" * 64, "p", H)
+        assert again is not None and again.attempts == 1
+        ledger.release(again.id, "EBUSY", "read")
+        third = ledger.claim("w", "a.jpg", "s" * 64, "p", H)
+        assert third is not None and third.attempts == 2
