@@ -24,7 +24,7 @@ from bshm_watchd.decode import Decoded, decode_bytes, to_8bit
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
 from bshm_watchd.errors import ScanError
 from bshm_watchd.fsutil import atomic_path, write_bytes_atomic
-from bshm_watchd.refine import F32, STRIP_ROWS, grey01, guided_coefficients, refine_band, upsample_matte
+from bshm_watchd.refine import F32, STRIP_ROWS, grey01, guided_coefficients, upsample_matte
 from bshm_watchd.steps import apply_steps
 
 Matte8 = npt.NDArray[Any]
@@ -124,8 +124,6 @@ def finish_matte(prepared: Prepared, alpha: Alpha, profile: Profile, timings: Ti
 def full_matte(decoded: Decoded, guide: F32, alpha: Alpha, profile: Profile, timings: Timings) -> Matte8:
     """Upsample the analysis-size alpha to the scan, edge-aware along ``guide``; apply the scan's own alpha."""
     with timings.stage("refine"):
-        if profile.matting.refine:
-            alpha = refine_band(alpha, decoded.rgb)
         if alpha.shape == guide.shape == decoded.rgb.shape[:2] and decoded.rgb.dtype == np.uint8:
             # The analysis copy is the scan itself (≤ max_side): the same guided filter without the
             # identity remaps and the guide's recomputation; bit-identical to upsample_matte's result.

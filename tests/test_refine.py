@@ -158,3 +158,39 @@ class TestStrips:
         m = upsample_matte(alpha, small_guide(full, 203, 151), full, edge_aware=False)
         ref = np.clip(bilinear(alpha.astype(np.float64), 601, 437) * 255 + 0.5, 0, 255).astype(np.uint8)
         assert np.abs(m.astype(int) - ref.astype(int)).max() <= 1
+
+
+class TestRefineBand:
+    @staticmethod
+    def scene() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """A red disc on a blue backdrop, its exact alpha, and a model-like blurry alpha of it."""
+        h, w = 160, 200
+        yy, xx = np.mgrid[0:h, 0:w]
+        truth = (((yy - 80) ** 2 + (xx - 100) ** 2) < 50**2).astype(np.float32)
+        rgb = np.empty((h, w, 3), np.uint8)
+        rgb[:] = (30, 40, 200)
+        rgb[truth > 0] = (220, 40, 30)
+        blurry = cv2.GaussianBlur(truth, (0, 0), 4).astype(np.float32)
+        return rgb, truth, blurry
+
+    def test_band_snaps_to_image_edge(self) -> None:
+        """On a clean colour edge, the re-solved band is closer to the truth than the blurry model alpha."""
+        rgb, truth, blurry = self.scene()
+        out = refine.refine_band(blurry, rgb)
+        assert out.shape == blurry.shape and out.dtype == np.float32
+        assert np.abs(out - truth).sum() < 0.5 * np.abs(blurry - truth).sum()
+
+    def test_sure_regions_untouched(self) -> None:
+        """Pixels the model was sure about (eroded > 0.9 or < 0.1) keep their value."""
+        rgb, _, blurry = self.scene()
+        out = refine.refine_band(blurry, rgb)
+        sure = (cv2.erode((blurry > 0.9).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0)
+        assert np.array_equal(out[sure], blurry[sure])
+
+    def test_mostly_unknown_left_alone(self) -> None:
+        """A matte that is mostly unsure is returned as it is (the solve cannot fix a model failure)."""
+        rgb, _, _ = self.scene()
+        unsure = np.full(rgb.shape[:2], 0.5, np.float32)
+        unsure[:10] = 0.0
+        unsure[-10:] = 1.0
+        assert np.array_equal(refine.refine_band(unsure, rgb), unsure)
