@@ -78,7 +78,7 @@ class TestShippedUnit:
             "PrivateTmp": "yes",
             "ProtectHome": "yes",
             "OOMPolicy": "continue",
-            "ExecStart": f"{EXE} run -c /etc/bshm-watchd/config.yaml",
+            "ExecStart": "/usr/bin/env bshm-watchd run -c /etc/bshm-watchd/config.yaml",
         }
         assert {k: s.get(k, [None])[-1] for k in expected} == expected
         for key in ("ReadWritePaths", "MemoryMax", "TimeoutStopSec", "DeviceAllow", "SystemCallFilter"):
@@ -220,6 +220,11 @@ class TestVerify:
         result = self._verify(unit)
         assert result.returncode == 0, result.stderr
         assert result.stderr.strip() == "" and result.stdout.strip() == ""
+
+    def test_shipped_unit_verifies_as_is(self) -> None:
+        """The issue's check: the shipped systemd/bshm-watchd.service passes systemd-analyze verify unrendered."""
+        result = self._verify(SYSTEMD_DIR / "bshm-watchd.service")
+        assert result.returncode == 0, result.stderr
 
     def test_verify_catches_broken_quoting(self, tmp_path: Path, exe: Path) -> None:
         """Control: a path written unquoted makes verify complain, so the clean run above means something."""
