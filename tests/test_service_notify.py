@@ -72,3 +72,49 @@ class TestWedgedWorker:
         finally:
             release.set()
             notify.close()
+
+
+class TestStopDuringBigScan:
+    def test_sigterm_during_16bit_6000x9000(self, tmp_path: Path) -> None:
+        """Battery 13: SIGTERM while a 6000×9000 16-bit TIFF is in hand → STOPPING, exit 0 within the unit's
+        TimeoutStopSec (90 s), finished or rolled back, and not redone after a restart."""
+        import time
+
+        import cv2
+        from daemon_helpers import done_rels, files_under, ledger_rows
+
+        lay = make_layout(tmp_path, settle_seconds=0.2)
+        yy, xx = np.mgrid[0:9000, 0:6000]
+        big = np.dstack([(xx * 10) % 65536, (yy * 7) % 65536, ((xx + yy) * 3) % 65536]).astype(np.uint16)
+        staging = tmp_path / "big.tif"
+        assert cv2.imwrite(str(staging), big, [cv2.IMWRITE_TIFF_COMPRESSION, 5])  # LZW keeps it small
+        del big, yy, xx
+        notify = NotifySocket(tmp_path / "notify.sock")
+        proc = DaemonProcess(lay, {"NOTIFY_SOCKET": str(notify.path)}).start()
+        try:
+            proc.wait_ready()
+            staging.rename(lay.inbox / "big.tif")
+            wait_for(lambda: any(r["state"] == "claimed" for r in ledger_rows(lay)), 60, "the big scan claimed")
+            t0 = time.monotonic()
+            rc = proc.terminate(90)
+            stopped_in = time.monotonic() - t0
+        finally:
+            proc.kill()
+            notify.close()
+        assert rc == 0 and stopped_in < 90
+        assert "STOPPING" in notify.states()
+        finished = "big.tif" in done_rels(lay)
+        outputs = sorted(p.name for p in files_under(lay.out) if p.suffix == ".png")
+        assert outputs == (["big_fg.png", "big_matte.png"] if finished else []), outputs
+        again = DaemonProcess(lay, tag="again").start()
+        try:
+            again.wait_ready()
+            wait_for(lambda: "big.tif" in done_rels(lay), 120, "the scan done once")
+            # A sentinel dropped after start-up is done only after the start-up rescan was handled, so a
+            # finished big scan had its chance to be (wrongly) redone by then.
+            (lay.inbox / "after.jpg").write_bytes(image_bytes(3))
+            wait_for(lambda: "after.jpg" in done_rels(lay), 60, "the sentinel done")
+        finally:
+            assert again.terminate(90) == 0
+        redone = [e.get("rel") for e in again.events() if e.get("event") == "scan_done"]
+        assert redone.count("big.tif") == (0 if finished else 1), redone
