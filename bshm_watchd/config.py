@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bshm_watchd.decode import DEFAULT_MAX_PIXELS
+from bshm_watchd.engine.base import DEVICE_RE
 from bshm_watchd.errors import ConfigError
 from bshm_watchd.steps import Step, normalise_step_spec
 
@@ -140,7 +141,7 @@ class Config(_Frozen):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", v):
+        if not DEVICE_RE.fullmatch(v):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 

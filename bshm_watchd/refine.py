@@ -61,8 +61,10 @@ MAX_UNKNOWN = 0.2
 """Skip the solve when more than this fraction of the copy is unknown."""
 
 
-def _disc(radius: int) -> npt.NDArray[Any]:
-    k: npt.NDArray[Any] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+def disc(radius: float) -> npt.NDArray[Any]:
+    """Elliptical structuring element of ``radius`` (rounded, at least 1) pixels."""
+    r = max(1, round(radius))
+    k: npt.NDArray[Any] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     return k
 
 
@@ -83,8 +85,8 @@ def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: flo
     # ``rgb`` may be the full-size scan (8 or 16 bit): shrink it straight to the solve size.
     full = 255.0 if rgb.dtype == np.uint8 else 65535.0
     im_s = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float64) / full
-    fg = cv2.erode((a_s > sure).astype(np.uint8), _disc(band))
-    bg = cv2.erode((a_s < 1.0 - sure).astype(np.uint8), _disc(band))
+    fg = cv2.erode((a_s > sure).astype(np.uint8), disc(band))
+    bg = cv2.erode((a_s < 1.0 - sure).astype(np.uint8), disc(band))
     unknown = (fg == 0) & (bg == 0)
     if not unknown.any() or not fg.any() or not bg.any() or unknown.mean() > MAX_UNKNOWN:
         # A matte that is mostly "unsure" is a model failure the solve cannot fix, and the solve's

@@ -144,6 +144,18 @@ class ScanWorker:
         self.matter = matter
         self.ledger = ledger
         self.hook = hook or (lambda stage, item: None)
+        # Pipeline keys per profile name, for the config they were computed from: a rescan asks for
+        # one per file, and serialising + hashing the profile each time is wasted work on big inboxes.
+        self._keys: dict[str, str] = {}
+        self._keys_cfg: Config | None = None
+
+    def _key(self, watch: WatchSpec) -> str:
+        if self._keys_cfg is not self.cfg:  # a reload swaps cfg: start over
+            self._keys, self._keys_cfg = {}, self.cfg
+        key = self._keys.get(watch.profile)
+        if key is None:
+            key = self._keys[watch.profile] = pipeline_key(self.cfg, watch, self.matter.name)
+        return key
 
     def already_done(self, watch: WatchSpec, path: Path, hint: Hint) -> bool:
         """Cheap pre-check for rescans: the latest row for this path is done, unchanged, outputs there.
@@ -154,7 +166,7 @@ class ScanWorker:
         if watch.after_success != "keep":
             return False
         rel = str(path.relative_to(watch.input))
-        row = self.ledger.latest(watch.name, rel, pipeline_key(self.cfg, watch, self.matter.name))
+        row = self.ledger.latest(watch.name, rel, self._key(watch))
         return row is not None and row.state == "done" and row.hint == hint and outputs_present(row.outputs)
 
     def handle(self, item: WorkItem) -> Outcome:
@@ -180,7 +192,7 @@ class ScanWorker:
             return Outcome("changed")
         data, hint = got
         sha = hashlib.sha256(data).hexdigest()
-        key = pipeline_key(self.cfg, watch, self.matter.name)
+        key = self._key(watch)
         existing = self.ledger.get(watch.name, str(rel), sha, key)
         if existing is not None and existing.state == "done":
             if outputs_present(existing.outputs):

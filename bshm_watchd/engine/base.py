@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 import numpy.typing as npt
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
+"""``device`` values everywhere (config, torch, TensorFlow), used with ``fullmatch``; group 1 is N of cuda:N."""
 
 # numpy's dtype-level typing does not survive OpenCV calls or arithmetic; these aliases name the
 # contract (dtype and layout) and the code converts explicitly where it matters.

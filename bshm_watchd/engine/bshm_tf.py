@@ -8,7 +8,6 @@ returns H×W×4 RGBA uint8 whose last channel is the alpha.
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,13 @@ import numpy as np
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from bshm_watchd.engine.base import RGB8, Alpha
+from bshm_watchd.engine.base import DEVICE_RE, RGB8, Alpha
 from bshm_watchd.errors import ConfigError, ModelError, ScanError
 
 INPUT_TENSOR = "input_image:0"
 OUTPUT_TENSOR = "output_png:0"
 INSTALL_HINT = "pip install -e '.[bshm]'"
 
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
 _FEEDABLE_OPS = ("Placeholder", "PlaceholderWithDefault")
 
 Shape = tuple[int | None, ...] | None
@@ -158,7 +156,7 @@ def _session_config(tf: Any, device: str, threads: int | None) -> Any:
     ``threads`` caps TF's intra- and inter-op pools; TF shares its inter-op pool across the sessions of a
     process, sized by the first session.
     """
-    m = _DEVICE_RE.fullmatch(device)
+    m = DEVICE_RE.fullmatch(device)
     if m is None:
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if threads is not None and threads < 1:

@@ -20,14 +20,12 @@ matte, and it costs CPU (0.13 s a scan on average) that the single-model paths n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
-from bshm_watchd.refine import refine_band
+from bshm_watchd.refine import disc, refine_band
 
 
 @dataclass(frozen=True)
@@ -42,12 +40,6 @@ class FusionParams:
     """Components smaller than this fraction of the largest are dropped."""
     keep_margin: float = 0.02
     """Dilation around kept components before the soft gate."""
-
-
-def _disc(radius: float) -> npt.NDArray[Any]:
-    r = max(1, round(radius))
-    k: npt.NDArray[Any] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    return k
 
 
 def confidence(alpha: Alpha) -> float:
@@ -70,7 +62,7 @@ def _largest_components(alpha: Alpha, params: FusionParams) -> Alpha:
     keep = np.zeros(n, dtype=bool)
     keep[1:] = areas >= params.min_component * areas.max()
     kept = keep[labels].astype(np.uint8)
-    dilated = cv2.dilate(kept, _disc(params.keep_margin * side)).astype(np.float32)
+    dilated = cv2.dilate(kept, disc(params.keep_margin * side)).astype(np.float32)
     gate = cv2.GaussianBlur(dilated, (0, 0), params.keep_margin * side / 2 + 1)
     out: Alpha = alpha * gate
     return out
@@ -82,10 +74,10 @@ def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
     base, c_other = (fine, c_sem) if c_fine >= c_sem else (semantic, c_fine)
     alpha = base.copy()
     person = ((fine > 0.5) & (semantic > 0.5)).astype(np.uint8)
-    alpha[cv2.erode(person, _disc(params.agree_erode * side)).astype(bool)] = 1.0
+    alpha[cv2.erode(person, disc(params.agree_erode * side)).astype(bool)] = 1.0
     if c_other > params.voice:
         background = ((fine < 0.5) & (semantic < 0.5)).astype(np.uint8)
-        alpha[cv2.erode(background, _disc(params.background_erode * side)).astype(bool)] = 0.0
+        alpha[cv2.erode(background, disc(params.background_erode * side)).astype(bool)] = 0.0
     alpha = _largest_components(alpha, params)
     out: Alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
     return out

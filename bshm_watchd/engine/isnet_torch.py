@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bshm_watchd.engine.base import RGB8, Alpha
+from bshm_watchd.engine.base import DEVICE_RE, RGB8, Alpha
 from bshm_watchd.engine.isnet_common import ISNET_SIZE, isnet_postprocess, isnet_preprocess, isnet_resize
 from bshm_watchd.errors import ConfigError, ModelError, ScanError
 
@@ -231,11 +231,10 @@ def load_isnet(path: Path) -> ISNetDIS:
 
 # --------------------------------------------------------------------------- matter
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def _resolve_device(device: str) -> torch.device:
-    if not _DEVICE.match(device):
+    if not DEVICE_RE.fullmatch(device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
