@@ -315,7 +315,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tmp = Path(tmp_name)
         files = _inputs(args, tmp)
         t = time.perf_counter()
-        matter = build_matter(model, store, device=device)
+        matter = build_matter(model, store, device=device, cpu_runtime=cfg.cpu_runtime)
         report["model_load_s"] = round(time.perf_counter() - t, 2)
         workers = cfg.workers if args.workers is None else args.workers
         with ScanPipeline(matter, max_pixels=cfg.max_pixels, workers=workers, batch_size=args.batch_size) as pipe:

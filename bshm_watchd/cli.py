@@ -33,7 +33,8 @@ def cmd_process(args: argparse.Namespace) -> int:
     profile_name = args.profile or "default"
     profile = cfg.profile(profile_name)
     model = args.model or profile.matting.model or cfg.model
-    matter = build_matter(model, _store(cfg, args.model_dir), device=args.device or cfg.device)
+    matter = build_matter(model, _store(cfg, args.model_dir), device=args.device or cfg.device,
+                          cpu_runtime=cfg.cpu_runtime)
     summary = run_batch([Path(p) for p in args.input], Path(args.output_dir), matter, cfg, profile_name)
     print(summary.line())
     return 1 if summary.failed else 0

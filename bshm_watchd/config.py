@@ -128,6 +128,8 @@ class Config(_Frozen):
     state_dir: Path = Path("/var/lib/bshm-watchd")
     model: Literal["fusion", "isnet", "selfie", "bshm"] = "fusion"
     device: str = "auto"
+    cpu_runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
+    """isnet's runtime on CPU; auto = torch bf16 where installed and the CPU has native bf16."""
     model_dir: Path | None = None
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1_000_000, le=2_000_000_000)
     workers: int = Field(0, ge=0, le=64)

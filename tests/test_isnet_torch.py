@@ -201,3 +201,64 @@ class TestTorchIsnetMatter:
             assert got.shape == img.shape[:2] and got.dtype == np.float32
             assert got.min() >= 0.0 and got.max() <= 1.0
             assert np.abs(got - single).max() <= 1e-5
+
+
+class TestCpuBf16:
+    def test_bf16_on_cuda_refused(self) -> None:
+        """bf16 is the CPU mode; asking for it with fp16 (the CUDA mode) is a configuration error."""
+        with pytest.raises(ConfigError, match="bf16"):
+            TorchIsnetMatter(MODEL, device="cpu", fp16=True, bf16=True)
+
+    @needs_model
+    @needs_data
+    def test_bf16_mattes_close_to_fp32(self, cpu_matter: TorchIsnetMatter) -> None:
+        """bf16 autocast changes the matte by little: mean |Δα| ≤ 0.005, and no more than 0.5% of pixels
+        move by over 0.1 (measured: the eval's SAD moved by < 1%)."""
+        bf16 = TorchIsnetMatter(MODEL, device="cpu", bf16=True, batch_size=1)
+        for name in PARITY_IMAGES:
+            rgb = _load_rgb(name)
+            ref, got = cpu_matter.predict(rgb), bf16.predict(rgb)
+            diff = np.abs(got - ref)
+            assert diff.mean() <= 5e-3, (name, float(diff.mean()))
+            assert (diff > 0.1).mean() <= 5e-3, (name, float((diff > 0.1).mean()))
+            assert ref.max() > 0.9  # the scan has a subject: the comparison is not between two empty mattes
+
+
+class TestFactoryCpuRuntime:
+    @pytest.mark.parametrize(("flags", "native"), [("fpu avx512f amx_bf16 amx_tile", True),
+                                                   ("fpu avx2 avx512_bf16", True), ("fpu avx2 avx512f", False)])
+    def test_native_bf16_from_flags(self, tmp_path: Path, flags: str, native: bool) -> None:
+        """Native bf16 is read from the CPU flags (AMX or AVX512-BF16)."""
+        from bshm_watchd.engine.factory import cpu_has_native_bf16
+
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n")
+        assert cpu_has_native_bf16(info) is native
+        assert cpu_has_native_bf16(tmp_path / "absent") is False
+
+    @needs_model
+    @pytest.mark.parametrize("native", [True, False])
+    def test_auto_picks_torch_bf16_only_where_native(self, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+        """cpu_runtime auto: torch bf16 on a CPU with native bf16, onnxruntime otherwise."""
+        from bshm_watchd.engine import factory
+        from bshm_watchd.engine.onnx_isnet import OnnxIsnetMatter
+        from bshm_watchd.modelstore import ModelStore
+
+        monkeypatch.setattr(factory, "cpu_has_native_bf16", lambda: native)
+        matter = factory.build_matter("isnet", ModelStore(MODEL.parent), device="cpu")
+        if native:
+            assert isinstance(matter, TorchIsnetMatter) and matter.bf16
+        else:
+            assert isinstance(matter, OnnxIsnetMatter)
+        forced = factory.build_matter("isnet", ModelStore(MODEL.parent), device="cpu", cpu_runtime="torch")
+        assert isinstance(forced, TorchIsnetMatter) and forced.bf16 is native
+        ort = factory.build_matter("isnet", ModelStore(MODEL.parent), device="cpu", cpu_runtime="onnxruntime")
+        assert isinstance(ort, OnnxIsnetMatter)
+
+    def test_unknown_runtime_refused(self) -> None:
+        """An unknown cpu_runtime is refused by name."""
+        from bshm_watchd.engine.factory import build_matter
+        from bshm_watchd.modelstore import ModelStore
+
+        with pytest.raises(ModelError, match="cpu_runtime"):
+            build_matter("isnet", ModelStore(MODEL.parent), cpu_runtime="tensorrt")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import structlog
 
 from bshm_watchd.engine.base import Matter
@@ -22,10 +24,31 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_matter(name: str, store: ModelStore, *, device: str = "auto", threads: int | None = None) -> Matter:
+CPU_RUNTIMES = ("auto", "onnxruntime", "torch")
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """AMX or AVX512-BF16 in the CPU flags: where bf16 convolutions run natively (fast)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return False
+
+
+def build_matter(name: str, store: ModelStore, *, device: str = "auto", threads: int | None = None,
+                 cpu_runtime: str = "auto") -> Matter:
+    """``cpu_runtime`` picks isnet's runtime on CPU: ``auto`` = torch in bf16 where torch is installed and
+    the CPU has native bf16, else onnxruntime (fp32); ``torch`` = torch (bf16 if native, else fp32)."""
+    if cpu_runtime not in CPU_RUNTIMES:
+        raise ModelError(f"cpu_runtime must be one of {', '.join(CPU_RUNTIMES)}, got {cpu_runtime!r}")
     dev = resolve_device(device)
     if name == "isnet":
-        return _isnet(store, dev, threads)
+        return _isnet(store, dev, threads, cpu_runtime)
     if name == "selfie":
         from bshm_watchd.engine.tflite_selfie import SelfieMatter
 
@@ -33,7 +56,8 @@ def build_matter(name: str, store: ModelStore, *, device: str = "auto", threads:
     if name == "fusion":
         from bshm_watchd.engine.fusion import FusionMatter
 
-        return FusionMatter(build_matter("selfie", store, device=dev, threads=threads), _isnet(store, dev, threads))
+        return FusionMatter(build_matter("selfie", store, device=dev, threads=threads),
+                            _isnet(store, dev, threads, cpu_runtime))
     if name == "bshm":
         from bshm_watchd.engine.bshm_tf import BshmMatter
 
@@ -42,15 +66,25 @@ def build_matter(name: str, store: ModelStore, *, device: str = "auto", threads:
     raise ModelError(f"unknown model {name!r}")
 
 
-def _isnet(store: ModelStore, device: str, threads: int | None) -> Matter:
+def _isnet(store: ModelStore, device: str, threads: int | None, cpu_runtime: str) -> Matter:
     path = store.path("isnet")
-    if device.startswith("cuda"):
+    on_cuda = device.startswith("cuda")
+    bf16 = not on_cuda and cpu_has_native_bf16()
+    if on_cuda or cpu_runtime == "torch" or (cpu_runtime == "auto" and bf16):
         try:
             from bshm_watchd.engine.isnet_torch import TorchIsnetMatter
         except ImportError:
+            if cpu_runtime == "torch":
+                raise ModelError("cpu_runtime torch needs the gpu extra (torch, onnx) installed") from None
             log.warning("torch_unavailable_using_onnxruntime", device=device)
         else:
-            return TorchIsnetMatter(path, device=device)
+            if on_cuda:
+                return TorchIsnetMatter(path, device=device)
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
+            return TorchIsnetMatter(path, device="cpu", bf16=bf16, batch_size=1)
     from bshm_watchd.engine.onnx_isnet import OnnxIsnetMatter
 
     return OnnxIsnetMatter(path, threads=threads, device=device)

@@ -74,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results: list[EvalResult] = []
     for model in models:
         if model not in matters:
-            matters[model] = build_matter(model, store, device=cfg.device)
+            matters[model] = build_matter(model, store, device=cfg.device, cpu_runtime=cfg.cpu_runtime)
         for name in profiles:
             label = model if len(profiles) == 1 else f"{model}/{name}"
             results.append(evaluate(cases, pipeline_fn(matters[model], cfg.profile(name)), label))
