@@ -11,7 +11,9 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    confident enough to have a say;
 4. components of the result far smaller than the largest one, and everything far from the kept
    components, are faded out (specks, scratches, a stray blob on the backdrop);
-5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``).
+5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``);
+6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
+   the card painted out, and the matte is cut to the window.
 
 Step 5 lives here, not in the generic finishing stage: it is what turns two segmenters into a
 matte, and it costs CPU (0.13 s a scan on average) that the single-model paths need not pay.
@@ -25,6 +27,7 @@ import cv2
 import numpy as np
 
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
+from bshm_watchd.engine.mount import find_mount
 from bshm_watchd.refine import disc, refine_band
 
 
@@ -40,6 +43,8 @@ class FusionParams:
     """Components smaller than this fraction of the largest are dropped."""
     keep_margin: float = 0.02
     """Dilation around kept components before the soft gate."""
+    mounts: bool = True
+    """Look for a card mount first (see ``mount``)."""
 
 
 def confidence(alpha: Alpha) -> float:
@@ -102,9 +107,15 @@ class FusionMatter:
         return refine_band(alpha, rgb) if self.refine else alpha
 
     def predict(self, rgb: RGB8) -> Alpha:
-        return self._finish(self.semantic.predict(rgb), self.fine.predict(rgb), rgb)
+        return self.predict_batch([rgb])[0]
 
     def predict_batch(self, images: list[RGB8]) -> list[Alpha]:
-        sem = self.semantic.predict_batch(images)
-        fine = self.fine.predict_batch(images)
-        return [self._finish(s, f, im) for s, f, im in zip(sem, fine, images, strict=True)]
+        mounts = [find_mount(im) if self.params.mounts else None for im in images]
+        views = [m.view(im) if m is not None else im for m, im in zip(mounts, images, strict=True)]
+        sem = self.semantic.predict_batch(views)
+        fine = self.fine.predict_batch(views)
+        out: list[Alpha] = []
+        for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
+            alpha = self._finish(s, f, view)
+            out.append(alpha if mount is None else mount.paste(alpha, im.shape[:2]))
+        return out

@@ -1,0 +1,130 @@
+"""Tests for card-mount detection and its use in the fusion pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from bshm_watchd.engine.fusion import FusionMatter, FusionParams
+from bshm_watchd.engine.mount import Mount, find_mount
+
+PORTRAITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "portraits"
+U8 = npt.NDArray[np.uint8]
+
+
+def _print(h: int, w: int, seed: int) -> U8:
+    """A busy 'photograph': a smooth random backdrop, a dark bust touching the bottom, grain."""
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(40, 220, (6, 6, 3)).astype(np.float32)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    cv2.ellipse(img, (w // 2, h), (w // 3, h // 2), 0, 0, 360, (30, 25, 20), -1)
+    cv2.circle(img, (w // 2, h // 2 - h // 10), h // 7, (170, 140, 120), -1)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _mounted(kind: str, h: int = 600, w: int = 450, seed: int = 0) -> tuple[U8, npt.NDArray[np.bool_]]:
+    img = _print(h, w, seed)
+    window = np.zeros((h, w), np.uint8)
+    if kind == "oval":
+        cv2.ellipse(window, (w // 2, h // 2), (int(0.44 * w), int(0.46 * h)), 0, 0, 360, 1, -1)
+    else:
+        b = int(0.06 * h)
+        window[b:-b, b:-b] = 1
+    card = np.array([190, 175, 150], np.float32)
+    grain = np.random.default_rng(seed + 1).normal(0, 4, img.shape).astype(np.float32)
+    out = np.where(window[..., None].astype(bool), img, np.clip(card + grain, 0, 255)).astype(np.uint8)
+    return out, window.astype(bool)
+
+
+def _iou(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+class TestFindMount:
+    @pytest.mark.parametrize("kind", ["oval", "rect"])
+    def test_finds_window(self, kind: str) -> None:
+        """An oval or rectangular window in a plain card is found, of the right kind and shape."""
+        img, truth = _mounted(kind)
+        mount = find_mount(img)
+        assert mount is not None and mount.kind == kind
+        assert _iou(mount.window, truth) >= 0.97
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_no_card_no_mount(self, seed: int) -> None:
+        """A print without a card (busy corners, or a plain backdrop with a bust) has no mount."""
+        assert find_mount(_print(600, 450, seed)) is None
+        plain = np.full((600, 450, 3), 200, np.uint8)
+        cv2.ellipse(plain, (225, 600), (150, 300), 0, 0, 360, (30, 30, 30), -1)
+        cv2.circle(plain, (225, 240), 80, (150, 120, 100), -1)
+        assert find_mount(plain) is None
+
+    def test_oval_view_and_paste(self) -> None:
+        """The oval's view is its box with the card painted over; paste puts alpha back, zero on the card."""
+        img, truth = _mounted("oval")
+        mount = find_mount(img)
+        assert mount is not None
+        view = mount.view(img)
+        y0, y1, x0, x1 = mount.box
+        assert view.shape == (y1 - y0, x1 - x0, 3)
+        card_in_view = ~mount.window[y0:y1, x0:x1]
+        assert (view[card_in_view] == np.array(mount.fill, np.uint8)).all()
+        back = mount.paste(np.ones(view.shape[:2], np.float32), img.shape[:2])
+        assert back.shape == img.shape[:2]
+        assert back[~cv2.dilate(truth.astype(np.uint8), np.ones((13, 13), np.uint8)).astype(bool)].max() == 0.0
+        assert back[cv2.erode(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)].min() > 0.99
+
+    @pytest.mark.skipif(not (PORTRAITS / "image").is_dir(), reason=f"portraits absent ({PORTRAITS})")
+    def test_on_aged_composites(self) -> None:
+        """On the eval's own aged composites: no false mounts, and most ovals (the harmful kind) found."""
+        from bshm_watchd.evaluation.composite import make_cases
+
+        cases = make_cases(PORTRAITS, 40, 0, 512, (0.0, 1.0))
+        ovals = found_ovals = 0
+        for case in cases:
+            mount = find_mount(case.image)
+            truth = case.recipe["mount"]
+            if mount is not None:
+                assert "oval" in truth or "border" in truth, case.name
+            if "oval" in truth:
+                ovals += 1
+                found_ovals += mount is not None and mount.kind == "oval"
+        assert ovals >= 2
+        assert found_ovals >= ovals / 2
+
+
+class _Recorder:
+    """A fake matter (the GPU boundary) that records the shapes it saw and answers all-ones."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[tuple[int, ...]] = []
+
+    def predict(self, rgb: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return self.predict_batch([rgb])[0]
+
+    def predict_batch(self, images: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        self.seen += [im.shape for im in images]
+        return [np.ones(im.shape[:2], np.float32) for im in images]
+
+
+class TestFusionWithMount:
+    @pytest.mark.parametrize("mounts", [True, False])
+    def test_oval_is_matted_as_crop(self, mounts: bool) -> None:
+        """With mounts on, both models see the oval's box and the card gets alpha 0; off, the whole scan."""
+        img, truth = _mounted("oval")
+        sem, fine = _Recorder("selfie"), _Recorder("isnet")
+        alpha = FusionMatter(sem, fine, FusionParams(mounts=mounts), refine=False).predict(img)
+        assert alpha.shape == img.shape[:2]
+        mount = find_mount(img)
+        assert isinstance(mount, Mount)
+        y0, y1, x0, x1 = mount.box
+        expected = (y1 - y0, x1 - x0, 3) if mounts else img.shape
+        assert sem.seen == [expected] and fine.seen == [expected]
+        card = ~cv2.dilate(truth.astype(np.uint8), np.ones((13, 13), np.uint8)).astype(bool)
+        assert (alpha[card].max() == 0.0) if mounts else (alpha[card].min() > 0.9)
