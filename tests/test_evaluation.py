@@ -397,3 +397,57 @@ class TestReport:
         j, m = write_report(self._results(), tmp_path / "r")
         assert json.loads(j.read_text())["results"][1]["label"] == "selfie"
         assert "## Per case" in m.read_text()
+
+
+class TestAblation:
+    def test_each_part_switched_off_once(self) -> None:
+        """--ablate's variants share fusion's models and switch off one part each, then all of them."""
+        from bshm_watchd.engine.fusion import FusionMatter, FusionParams
+        from bshm_watchd.evaluation.command import ablations
+
+        class Flat:
+            name = "flat"
+
+            def predict(self, rgb: np.ndarray) -> np.ndarray:
+                return np.full(rgb.shape[:2], 0.5, np.float32)
+
+            def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+                return [self.predict(im) for im in images]
+
+        sem, fine = Flat(), Flat()
+        fused = FusionMatter(sem, fine, FusionParams())
+        variants = dict(ablations(fused))
+        assert list(variants) == ["fusion no mounts", "fusion no fill", "fusion no cut", "fusion no gate",
+                                  "fusion no band refine", "fusion pick only"]
+        for v in variants.values():
+            assert isinstance(v, FusionMatter) and v.semantic is sem and v.fine is fine
+        assert not variants["fusion no mounts"].params.mounts and variants["fusion no mounts"].params.fill
+        assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
+        pick = variants["fusion pick only"]
+        assert not (pick.params.mounts or pick.params.fill or pick.params.cut or pick.params.gate or pick.refine)
+        with pytest.raises(TypeError, match="fusion"):
+            ablations(Flat())  # type: ignore[arg-type]
+
+
+class TestFusionParts:
+    def test_parts_change_the_matte(self) -> None:
+        """Fill, cut and gate each do what they say on two disagreeing masks (fine is the base here)."""
+        from bshm_watchd.engine.fusion import FusionParams, confidence, fuse
+
+        h = w = 200
+        fine = np.zeros((h, w), np.float32)
+        fine[40:160, 60:140] = 1.0
+        fine[90:110, 90:110] = 0.7  # unsure inside the subject
+        fine[170:190, 10:30] = 0.3  # unsure on the backdrop
+        fine[5:8, 5:8] = 1.0  # a speck far from the subject
+        sem = np.zeros((h, w), np.float32)
+        sem[40:160, 60:140] = 1.0
+        sem[120:160, 60:140] = 0.6  # semantic is the less confident mask: fine is the base
+        assert confidence(fine) > confidence(sem) > 0.3
+        on, off = FusionParams(gate=False), FusionParams
+        assert fuse(sem, fine, on)[100, 100] == 1.0
+        assert fuse(sem, fine, off(gate=False, fill=False))[100, 100] == pytest.approx(0.7)
+        assert fuse(sem, fine, on)[180, 20] == 0.0
+        assert fuse(sem, fine, off(gate=False, cut=False))[180, 20] == pytest.approx(0.3)
+        assert fuse(sem, fine, on)[6, 6] == 1.0
+        assert fuse(sem, fine, FusionParams())[6, 6] < 0.05

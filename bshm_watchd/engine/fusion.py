@@ -45,6 +45,12 @@ class FusionParams:
     """Dilation around kept components before the soft gate."""
     mounts: bool = True
     """Look for a card mount first (see ``mount``)."""
+    fill: bool = True
+    """Step 2 (agreed person → 1); off only to measure what it brings."""
+    cut: bool = True
+    """Step 3 (agreed background → 0); off only to measure what it brings."""
+    gate: bool = True
+    """Step 4 (component gate); off only to measure what it brings."""
 
 
 def confidence(alpha: Alpha) -> float:
@@ -78,12 +84,14 @@ def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
     c_sem, c_fine = confidence(semantic), confidence(fine)
     base, c_other = (fine, c_sem) if c_fine >= c_sem else (semantic, c_fine)
     alpha = base.copy()
-    person = ((fine > 0.5) & (semantic > 0.5)).astype(np.uint8)
-    alpha[cv2.erode(person, disc(params.agree_erode * side)).astype(bool)] = 1.0
-    if c_other > params.voice:
+    if params.fill:
+        person = ((fine > 0.5) & (semantic > 0.5)).astype(np.uint8)
+        alpha[cv2.erode(person, disc(params.agree_erode * side)).astype(bool)] = 1.0
+    if params.cut and c_other > params.voice:
         background = ((fine < 0.5) & (semantic < 0.5)).astype(np.uint8)
         alpha[cv2.erode(background, disc(params.background_erode * side)).astype(bool)] = 0.0
-    alpha = _largest_components(alpha, params)
+    if params.gate:
+        alpha = _largest_components(alpha, params)
     out: Alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
     return out
 

@@ -33,6 +33,23 @@ def pipeline_fn(matter: Matter, profile: Profile) -> MatteFn:
     return run
 
 
+def ablations(fused: Matter) -> list[tuple[str, Matter]]:
+    """The fusion with one part off at a time, and with all off (the more confident model, as it is)."""
+    from dataclasses import replace
+
+    from bshm_watchd.engine.fusion import FusionMatter
+
+    if not isinstance(fused, FusionMatter):
+        raise TypeError(f"--ablate needs the fusion model, got {fused.name}")
+    p = fused.params
+    variants = [("no mounts", replace(p, mounts=False), True), ("no fill", replace(p, fill=False), True),
+                ("no cut", replace(p, cut=False), True), ("no gate", replace(p, gate=False), True),
+                ("no band refine", p, False),
+                ("pick only", replace(p, mounts=False, fill=False, cut=False, gate=False), False)]
+    return [(f"fusion {name}", FusionMatter(fused.semantic, fused.fine, params, refine=refine))
+            for name, params, refine in variants]
+
+
 def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser("eval", help="score the pipeline on aged composites with exact truth")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
@@ -46,6 +63,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=None, help="repeatable (default: the config's model)")
     p.add_argument("--profile", action="append", default=None, help="repeatable (default: default)")
     p.add_argument("--baseline", action="store_true", help="also run isnet and selfie alone in the same run")
+    p.add_argument("--ablate", action="store_true",
+                   help="also run fusion with each of its parts switched off (what each part brings)")
     p.add_argument("--save-cases", type=Path, default=None)
     p.add_argument("-o", "--output_dir", "--output-dir", type=Path, default=Path("eval-out"))
     p.add_argument("-c", "--config", type=Path, default=None)
@@ -78,6 +97,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for name in profiles:
             label = model if len(profiles) == 1 else f"{model}/{name}"
             results.append(evaluate(cases, pipeline_fn(matters[model], cfg.profile(name)), label))
+    if args.ablate:
+        fused = matters.get("fusion") or build_matter("fusion", store, device=cfg.device,
+                                                      cpu_runtime=cfg.cpu_runtime)
+        for label, variant in ablations(fused):
+            results.append(evaluate(cases, pipeline_fn(variant, cfg.profile(profiles[0])), label))
     title = f"bshm-watchd eval: {len(cases)} cases" + ("" if args.cases else f", seed {args.seed}")
     json_path, md_path = write_report(results, args.output_dir, title=title)
     print(render_markdown(results, title=title))
