@@ -128,3 +128,46 @@ class TestFusionWithMount:
         assert sem.seen == [expected] and fine.seen == [expected]
         card = ~cv2.dilate(truth.astype(np.uint8), np.ones((13, 13), np.uint8)).astype(bool)
         assert (alpha[card].max() == 0.0) if mounts else (alpha[card].min() > 0.9)
+
+
+class _WindowTaker(_Recorder):
+    """A fake isnet that, like the real one on a mount it cannot see, mattes the oval window itself."""
+
+    def predict_batch(self, images: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        self.seen += [im.shape for im in images]
+        out = []
+        for im in images:
+            h, w = im.shape[:2]
+            a = np.zeros((h, w), np.float32)
+            cv2.ellipse(a, (w // 2, h // 2), (int(0.44 * w), int(0.46 * h)), 0, 0, 360, 1.0, -1)
+            out.append(a)
+        return out
+
+
+class TestWindowInMatte:
+    def test_elliptic_matte_is_a_window(self) -> None:
+        """A matte that is a large clean ellipse is taken for a window; a bust-shaped one is not."""
+        from bshm_watchd.engine.mount import window_in_matte
+
+        rgb = _print(600, 450, 0)
+        oval = _WindowTaker("isnet").predict(rgb)
+        found = window_in_matte(oval, rgb)
+        assert found is not None and found.kind == "oval"
+        assert _iou(found.window, oval > 0.5) >= 0.97
+        bust = np.zeros((600, 450), np.float32)
+        cv2.ellipse(bust, (225, 600), (150, 300), 0, 0, 360, 1.0, -1)
+        cv2.circle(bust, (225, 240), 80, 1.0, -1)
+        assert window_in_matte(bust, rgb) is None
+        small = np.zeros((600, 450), np.float32)
+        cv2.ellipse(small, (225, 300), (60, 80), 0, 0, 360, 1.0, -1)
+        assert window_in_matte(small, rgb) is None  # a clean ellipse, but too small to be a window
+
+    def test_fusion_mattes_again_on_the_window(self) -> None:
+        """When isnet's matte is the window, both models run again on the window's box."""
+        rgb = _print(600, 450, 0)
+        assert find_mount(rgb) is None
+        sem, fine = _Recorder("selfie"), _WindowTaker("isnet")
+        alpha = FusionMatter(sem, fine, FusionParams(), refine=False).predict(rgb)
+        assert len(fine.seen) == 2 and fine.seen[0] == rgb.shape and fine.seen[1][0] < 600
+        assert sem.seen[1] == fine.seen[1]
+        assert alpha[5, 5] == 0.0 and alpha.shape == rgb.shape[:2]

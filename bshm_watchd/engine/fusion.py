@@ -13,7 +13,10 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    components, are faded out (specks, scratches, a stray blob on the backdrop);
 5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``);
 6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
-   the card painted out, and the matte is cut to the window.
+   the card painted out, and the matte is cut to the window; an oval found only afterwards, because
+   isnet's matte is the window itself, is matted again the same way.
+7. a matte of isnet's made of thin strokes means it matted scratches or cracks: they are inpainted
+   and both models run again (``scratches``).
 
 Step 5 lives here, not in the generic finishing stage: it is what turns two segmenters into a
 matte, and it costs CPU (0.13 s a scan on average) that the single-model paths need not pay.
@@ -27,7 +30,8 @@ import cv2
 import numpy as np
 
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
-from bshm_watchd.engine.mount import find_mount
+from bshm_watchd.engine.mount import find_mount, window_in_matte
+from bshm_watchd.engine.scratches import without_strokes
 from bshm_watchd.refine import disc, refine_band
 
 
@@ -45,6 +49,8 @@ class FusionParams:
     """Dilation around kept components before the soft gate."""
     mounts: bool = True
     """Look for a card mount first (see ``mount``)."""
+    strokes: bool = True
+    """Matte again without the scratches when isnet's matte is made of them (see ``scratches``)."""
     fill: bool = True
     """Step 2 (agreed person → 1); off only to measure what it brings."""
     cut: bool = True
@@ -122,6 +128,17 @@ class FusionMatter:
         views = [m.view(im) if m is not None else im for m, im in zip(mounts, images, strict=True)]
         sem = self.semantic.predict_batch(views)
         fine = self.fine.predict_batch(views)
+        if self.params.mounts:  # a window the colours hid, given away by isnet's matte: matte again
+            for i, im in enumerate(images):
+                found = window_in_matte(fine[i], im) if mounts[i] is None else None
+                if found is not None:
+                    mounts[i], views[i] = found, found.view(im)
+                    sem[i], fine[i] = self.semantic.predict(views[i]), self.fine.predict(views[i])
+        if self.params.strokes:  # isnet matted scratches or cracks: paint them out and matte again
+            for i, view in enumerate(views):
+                clean = without_strokes(view, fine[i])
+                if clean is not None:
+                    sem[i], fine[i] = self.semantic.predict(clean), self.fine.predict(clean)
         out: list[Alpha] = []
         for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
             alpha = self._finish(s, f, view)

@@ -13,7 +13,9 @@ the pixels outside it are card. Then:
 * rectangle: the matte is cut to the window (SAD 23 → 13 on one case, never worse); matting the crop
   again measured worse, so it is not done.
 
-Nothing is found (``None``) for scans without a uniform card at all four corners.
+Nothing is found (``None``) for scans without a uniform card at all four corners. When card and print
+share one tone the rim cannot be seen in colour; then the model's own matte gives the oval away: a
+matte that is an almost perfect large ellipse is the window, not a person (``window_in_matte``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ ON_RIM = 0.01
 """A rim point within this fraction of the longer side of the fitted shape is on it."""
 MIN_ON_RIM = 0.8
 MIN_CARD_OUTSIDE = 0.85
+MIN_WINDOW_AREA = 0.2
+MIN_WINDOW_IOU = 0.97
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,29 @@ def find_mount(rgb: RGB8) -> Mount | None:
     outside = ~cv2.dilate(window, np.ones((7, 7), np.uint8)).astype(bool)
     if score < MIN_ON_RIM or outside.mean() < 0.02 or card[outside].mean() < MIN_CARD_OUTSIDE:
         return None
+    return _mount(kind, window, rgb)
+
+
+def window_in_matte(alpha: Alpha, rgb: RGB8) -> Mount | None:
+    """An oval window the model took for the subject: its matte *is* an ellipse (IoU ≥ 0.97) covering
+    a fifth of the scan or more. Catches the mounts ``find_mount`` misses (card and print of one tone):
+    measured IoU 0.998 on such a case, at most 0.85 for isnet on 59 people (0.90 for selfie)."""
+    mask = (alpha > 0.5).astype(np.uint8)
+    if mask.mean() < MIN_WINDOW_AREA:
+        return None
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contour = max(contours, key=cv2.contourArea)
+    if len(contour) < 5:
+        return None
+    window = np.zeros_like(mask)
+    cv2.ellipse(window, cv2.fitEllipse(contour), 1, -1)
+    iou = float((window & mask).sum() / max(1, (window | mask).sum()))
+    return _mount("oval", window, rgb) if iou >= MIN_WINDOW_IOU else None
+
+
+def _mount(kind: Literal["oval", "rect"], window: npt.NDArray[np.uint8], rgb: RGB8) -> Mount:
     inner = window.astype(bool) & ~cv2.erode(window, np.ones((15, 15), np.uint8)).astype(bool)
-    fill = np.median(rgb[inner], axis=0).astype(int)
+    fill = np.median(rgb[inner], axis=0).astype(int) if inner.any() else np.median(rgb.reshape(-1, 3), axis=0)
     ys, xs = np.nonzero(window)
     return Mount(kind=kind, window=window.astype(bool),
                  box=(int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1),
