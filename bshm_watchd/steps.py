@@ -52,6 +52,28 @@ class Clahe(_Step):
         return out
 
 
+def autocontrast(rgb: RGB8, low: float = 0.5, high: float = 99.5) -> RGB8:
+    """Stretch luminance percentiles ``low``..``high`` to 0..255, the same gain on every channel (tones kept)."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    lo, hi = (float(v) for v in np.percentile(grey, [low, high]))
+    if hi - lo < 1.0:
+        return rgb
+    lut = np.clip((np.arange(256, dtype=np.float32) - lo) * 255.0 / (hi - lo) + 0.5, 0, 255).astype(np.uint8)
+    out: RGB8 = cv2.LUT(rgb, lut)
+    return out
+
+
+class AutoContrast(_Step):
+    """Stretch the faded tonal range to full scale (luminance percentiles, one gain for all channels)."""
+
+    step: Literal["autocontrast"]
+    low: float = Field(0.5, ge=0.0, lt=50.0)
+    high: float = Field(99.5, gt=50.0, le=100.0)
+
+    def apply(self, rgb: RGB8) -> RGB8:
+        return autocontrast(rgb, self.low, self.high)
+
+
 class Gamma(_Step):
     """Gamma curve (``gamma`` < 1 brightens): lifts dark, underexposed prints."""
 
@@ -141,11 +163,11 @@ class Saturation(_Step):
 
 
 Step = Annotated[
-    WhiteBalance | Clahe | Gamma | ShadowLift | Median | NlMeans | EqualizeYuv | Saturation,
+    WhiteBalance | Clahe | AutoContrast | Gamma | ShadowLift | Median | NlMeans | EqualizeYuv | Saturation,
     Field(discriminator="step"),
 ]
-STEP_NAMES = ("white_balance", "deyellow", "clahe", "gamma", "shadow_lift", "median", "despeckle",
-              "nlmeans", "equalize_yuv", "saturation")
+STEP_NAMES = ("white_balance", "deyellow", "clahe", "autocontrast", "gamma", "shadow_lift", "median",
+              "despeckle", "nlmeans", "equalize_yuv", "saturation")
 
 _ADAPTER: TypeAdapter[Step] = TypeAdapter(Step)
 

@@ -81,9 +81,42 @@ class TestFusionStrokes:
         rgb = np.full((512, 384, 3), 90, np.uint8)
         rgb[_strokes() > 0.5] = 250
         on = _LineTaker()
-        alpha = FusionMatter(_Half(), on, FusionParams(mounts=False), refine=False).predict(rgb)
+        alpha = FusionMatter(_Half(), on, FusionParams(mounts=False, stretch=False), refine=False).predict(rgb)
         assert on.calls == 2
         assert alpha[450, 192] > 0.9
         off = _LineTaker()
-        lines = FusionMatter(_Half(), off, FusionParams(mounts=False, strokes=False), refine=False).predict(rgb)
+        params = FusionParams(mounts=False, strokes=False, stretch=False)
+        lines = FusionMatter(_Half(), off, params, refine=False).predict(rgb)
         assert off.calls == 1 and lines[450, 192] < 0.5
+
+
+class _FadedOnlyInStretch:
+    """A fake model (the GPU boundary) that is sure of itself only on a full-range image."""
+
+    name = "isnet"
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def predict(self, rgb: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        self.seen.append(int(rgb.max()) - int(rgb.min()))
+        if int(rgb.max()) - int(rgb.min()) > 200:
+            return _bust(*rgb.shape[:2])
+        return np.full(rgb.shape[:2], 0.5, np.float32)
+
+    def predict_batch(self, images: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        return [self.predict(im) for im in images]
+
+
+class TestFusionStretch:
+    def test_faded_scan_voiced_by_its_stretched_copy(self) -> None:
+        """A faded scan (range 100..160) is also shown stretched; the confident answer from that copy wins."""
+        rgb = np.full((512, 384, 3), 100, np.uint8)
+        rgb[300:, 100:280] = 160
+        fine = _FadedOnlyInStretch()
+        alpha = FusionMatter(_Half(), fine, FusionParams(mounts=False), refine=False).predict(rgb)
+        assert sorted(fine.seen) == [60, 255]
+        assert alpha[450, 192] > 0.9 and alpha[20, 20] < 0.1
+        plain = _FadedOnlyInStretch()
+        flat = FusionMatter(_Half(), plain, FusionParams(mounts=False, stretch=False), refine=False).predict(rgb)
+        assert plain.seen == [60] and flat[450, 192] < 0.9

@@ -17,6 +17,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    isnet's matte is the window itself, is matted again the same way.
 7. a matte of isnet's made of thin strokes means it matted scratches or cracks: they are inpainted
    and both models run again (``scratches``).
+8. every model call is made twice, on the view and on an autocontrast copy (faded prints stretched to
+   full range), and the more confident answer is that model's voice.
 
 Step 5 lives here, not in the generic finishing stage: it is what turns two segmenters into a
 matte, and it costs CPU (0.13 s a scan on average) that the single-model paths need not pay.
@@ -30,9 +32,10 @@ import cv2
 import numpy as np
 
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
-from bshm_watchd.engine.mount import find_mount, window_in_matte
+from bshm_watchd.engine.mount import find_mount, window_in_matte, window_shape
 from bshm_watchd.engine.scratches import without_strokes
 from bshm_watchd.refine import disc, refine_band
+from bshm_watchd.steps import autocontrast
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class FusionParams:
     """Dilation around kept components before the soft gate."""
     mounts: bool = True
     """Look for a card mount first (see ``mount``)."""
+    stretch: bool = True
+    """Each model also sees an autocontrast copy; its more confident answer is its voice."""
     strokes: bool = True
     """Matte again without the scratches when isnet's matte is made of them (see ``scratches``)."""
     fill: bool = True
@@ -67,6 +72,12 @@ def confidence(alpha: Alpha) -> float:
         return 0.0
     uncertain = int(((alpha > 0.1) & (alpha < 0.9)).sum())
     return 1.0 - min(1.0, uncertain / area)
+
+
+def _trust(alpha: Alpha) -> float:
+    """Confidence, except that a matte which is a window's ellipse is no person: a stretched copy of a
+    painted-out oval view showed isnet the rim again, and it matted the oval with confidence 0.97."""
+    return 0.0 if window_shape(alpha) is not None else confidence(alpha)
 
 
 def _largest_components(alpha: Alpha, params: FusionParams) -> Alpha:
@@ -116,6 +127,19 @@ class FusionMatter:
         # The batched pipeline sizes GPU batches from this; isnet is the part that batches.
         self.batch_size = int(getattr(fine, "batch_size", 1))
 
+    def _voices(self, views: list[RGB8]) -> tuple[list[Alpha], list[Alpha]]:
+        """Each model's answer per view; with ``stretch``, the more confident of the view and its
+        autocontrast copy (one batch of both, so a GPU sees them together)."""
+        if not self.params.stretch:
+            return self.semantic.predict_batch(views), self.fine.predict_batch(views)
+        both = views + [autocontrast(v) for v in views]
+        n = len(views)
+        voices = []
+        for matter in (self.semantic, self.fine):
+            out = matter.predict_batch(both)
+            voices.append([a if _trust(a) >= _trust(b) else b for a, b in zip(out[:n], out[n:], strict=True)])
+        return voices[0], voices[1]
+
     def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8) -> Alpha:
         alpha = fuse(semantic, fine, self.params)
         return refine_band(alpha, rgb) if self.refine else alpha
@@ -126,19 +150,18 @@ class FusionMatter:
     def predict_batch(self, images: list[RGB8]) -> list[Alpha]:
         mounts = [find_mount(im) if self.params.mounts else None for im in images]
         views = [m.view(im) if m is not None else im for m, im in zip(mounts, images, strict=True)]
-        sem = self.semantic.predict_batch(views)
-        fine = self.fine.predict_batch(views)
+        sem, fine = self._voices(views)
         if self.params.mounts:  # a window the colours hid, given away by isnet's matte: matte again
             for i, im in enumerate(images):
                 found = window_in_matte(fine[i], im) if mounts[i] is None else None
                 if found is not None:
                     mounts[i], views[i] = found, found.view(im)
-                    sem[i], fine[i] = self.semantic.predict(views[i]), self.fine.predict(views[i])
+                    (sem[i],), (fine[i],) = self._voices([views[i]])
         if self.params.strokes:  # isnet matted scratches or cracks: paint them out and matte again
             for i, view in enumerate(views):
                 clean = without_strokes(view, fine[i])
                 if clean is not None:
-                    sem[i], fine[i] = self.semantic.predict(clean), self.fine.predict(clean)
+                    (sem[i],), (fine[i],) = self._voices([clean])
         out: list[Alpha] = []
         for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
             alpha = self._finish(s, f, view)
