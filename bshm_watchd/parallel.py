@@ -18,16 +18,18 @@ culprit fails.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,6 +40,7 @@ from bshm_watchd.config import Profile
 from bshm_watchd.decode import DEFAULT_MAX_PIXELS, decode_bytes, read_file
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
 from bshm_watchd.errors import BshmError, ScanError
+from bshm_watchd.fsutil import out_of_space
 from bshm_watchd.pipeline import (
     OutputPaths,
     ScanMeta,
@@ -75,6 +78,9 @@ class ScanTask:
     """What the sidecar records as the source; the file name when empty."""
     data: bytes | None = field(default=None, repr=False)
     tag: Any = field(default=None, compare=False)
+    stage_outputs: bool = False
+    """Leave the outputs as fsynced temps beside their final names (``ScanResult.staged``) for the
+    caller to commit or discard: the daemon checks the source first. Otherwise they are renamed in place."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,14 @@ class ScanResult:
     transient: bool = False
     crashed: bool = False
     """An internal error or a dead worker, not a verdict on the file."""
+    disk_full: bool = False
+    """The write failed because the output filesystem is full (judged in the worker, which saw the errno)."""
+    staged: tuple[tuple[Path, Path], ...] = ()
+    """(final, temp) per output, in write order, for a task with ``stage_outputs``."""
+    worker_pid: int = 0
+    """The worker process that wrote the outputs."""
+    exc_type: str = ""
+    """The failure's exception class (``WorkerDied`` for a dead worker)."""
 
     @property
     def ok(self) -> bool:
@@ -104,6 +118,7 @@ class _Work:
     source: str
     model: str
     max_pixels: int
+    stage_outputs: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,8 @@ class _Prepared:
 class _Finished:
     written: tuple[Path, ...]
     ms: dict[str, float]
+    staged: tuple[tuple[Path, Path], ...] = ()
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,17 +145,43 @@ class _Failed:
     transient: bool
     crashed: bool
     ms: dict[str, float]
+    disk_full: bool = False
+    exc_type: str = ""
 
 
 def _failed(exc: BaseException, stage: str, ms: dict[str, float]) -> _Failed:
+    kind = type(exc).__name__
     if isinstance(exc, ScanError):
-        return _Failed(str(exc), exc.stage, exc.transient, False, ms)
+        return _Failed(str(exc), exc.stage, exc.transient, False, ms, exc_type=kind)
     if isinstance(exc, BshmError):
-        return _Failed(str(exc), stage, False, False, ms)
-    return _Failed(f"internal error {type(exc).__name__}: {exc}", stage, False, True, ms)
+        return _Failed(str(exc), stage, False, False, ms, exc_type=kind)
+    if isinstance(exc, MemoryError):  # worth another try later, when fewer big scans share the memory
+        return _Failed(f"out of memory: {exc}", stage, True, False, ms, exc_type=kind)
+    return _Failed(f"internal error {kind}: {exc}", stage, False, True, ms, exc_type=kind)
 
 
-def _init_worker(nice: int) -> None:
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when its parent dies, however it dies.
+
+    Without it a SIGKILLed daemon leaves its workers behind, blocked on the task queue for ever or,
+    worse, still writing a scan's temps after the restart swept that scan's leftovers.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the prctl took hold
+        os._exit(1)
+
+
+def _init_worker(nice: int, parent: int = 0) -> None:
+    if parent:
+        _die_with_parent(parent)
     # One core per worker: OpenCV's own thread pool in every worker would oversubscribe the cores
     # the pool already fills, and steal them from inference.
     cv2.setNumThreads(1)
@@ -171,21 +214,29 @@ def prepare_stage(work: _Work) -> _Prepared | _Failed:
 def finish_stage(work: _Work, alpha: Alpha, size: tuple[int, int], ms: dict[str, float]) -> _Finished | _Failed:
     """Worker: decode again, bring the matte to full size, write the outputs (sidecar timings included)."""
     t = Timings(ms=dict(ms))
+    need = 0
+    staged: dict[Path, Path] | None = {} if work.stage_outputs else None
     try:
         with t.stage("redecode"):
             data = work.data if work.data is not None else read_file(work.src)
             decoded = decode_bytes(data, work.src.name, work.max_pixels)
         if decoded.size != size:
             raise ScanError(f"{work.src.name} changed while it was processed", stage="decode", transient=True)
+        need = 3 * decoded.rgb.nbytes  # ≥ cut-out + matte + composite, uncompressed
         with t.stage("refine"):
             guide = grey01(bounded_copy(decoded, work.profile.matting.max_side))
         matte = full_matte(decoded, guide, alpha, work.profile, t)
         sha = hashlib.sha256(data).hexdigest() if work.profile.outputs.sidecar else None
         meta = ScanMeta(source=work.source, sha256=sha, model=work.model, profile=work.profile_name)
-        written = write_outputs(OutputPaths.for_base(work.out_base), decoded, matte, work.profile, meta, t)
+        written = write_outputs(OutputPaths.for_base(work.out_base), decoded, matte, work.profile, meta, t,
+                                staged)
     except Exception as exc:
-        return _failed(exc, "write", t.ms)
-    return _Finished(written=tuple(written), ms=t.ms)
+        failed = _failed(exc, "write", t.ms)
+        if failed.stage == "write" and out_of_space(exc, work.out_base.parent, need):
+            failed = replace(failed, disk_full=True)
+        return failed
+    pairs = tuple((p, staged[p]) for p in written) if staged is not None else ()
+    return _Finished(written=tuple(written), ms=t.ms, staged=pairs, pid=os.getpid())
 
 
 # ---- the scheduler (main process) -----------------------------------------------------------------
@@ -256,7 +307,7 @@ class ScanPipeline:
             self._step(timeout=None)
         work = _Work(src=task.src, data=task.data, out_base=task.out_base, profile=task.profile,
                      profile_name=task.profile_name, source=task.source or task.src.name,
-                     model=self.matter.name, max_pixels=self.max_pixels)
+                     model=self.matter.name, max_pixels=self.max_pixels, stage_outputs=task.stage_outputs)
         self._queued.append(_Item(task=task, work=work))
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         self._dispatch()
@@ -287,6 +338,22 @@ class ScanPipeline:
         pool = self._pool_now()
         wait([pool.submit(_ping) for _ in range(self.workers)])
 
+    def abort(self) -> list[ScanTask]:
+        """Kill the workers now and forget the scans in flight (returned; results already finished stay
+        for ``poll``): for a stop that cannot wait. A killed worker may leave a staged temp behind."""
+        lost = [it.task for it, _ in self._futures.values()] + [it.task for it in (*self._queued, *self._ready)]
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.kill()
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._futures.clear()
+        self._queued.clear()
+        self._ready.clear()
+        self._suspects = 0
+        self._generation += 1
+        return lost
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -302,7 +369,7 @@ class ScanPipeline:
     def _pool_now(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self._ctx,
-                                             initializer=_init_worker, initargs=(self.worker_nice,))
+                                             initializer=_init_worker, initargs=(self.worker_nice, os.getpid()))
         return self._pool
 
     def _dispatch(self) -> None:
@@ -347,7 +414,8 @@ class ScanPipeline:
             item.ms.update(out.ms)
             self._ready.append(item)
         else:
-            self._done.append(ScanResult(task=item.task, written=out.written, ms=out.ms))
+            self._done.append(ScanResult(task=item.task, written=out.written, ms=out.ms, staged=out.staged,
+                                         worker_pid=out.pid))
 
     def _worker_died(self, item: _Item, generation: int) -> None:
         if generation == self._generation and self._pool is not None:
@@ -360,14 +428,15 @@ class ScanPipeline:
         if item.strikes >= MAX_STRIKES:
             self._suspects -= 1
             self._finish(item, _Failed("a worker process died on this scan (decoder crash or out of memory)",
-                                       item.stage, False, True, item.ms))
+                                       item.stage, False, True, item.ms, exc_type="WorkerDied"))
         else:
             self._queued.appendleft(item)
 
     def _finish(self, item: _Item, failed: _Failed) -> None:
         ms = {**item.ms, **failed.ms}
         self._done.append(ScanResult(task=item.task, ms=ms, error=failed.message, stage=failed.stage,
-                                     transient=failed.transient, crashed=failed.crashed))
+                                     transient=failed.transient, crashed=failed.crashed,
+                                     disk_full=failed.disk_full, exc_type=failed.exc_type))
 
     def _infer(self) -> None:
         batch = [self._ready.popleft() for _ in range(min(self.batch_size, len(self._ready)))]
