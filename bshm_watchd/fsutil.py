@@ -55,9 +55,9 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     commit_staged(tmp, final)
 
 
-def _make_temp(final: Path, suffix: str) -> Path:
+def _make_temp(final: Path, suffix: str, tag: str = "") -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + tag, suffix=suffix, dir=final.parent)
     os.close(fd)
     return Path(tmp_name)
 
@@ -67,15 +67,16 @@ def _discard(tmp: Path) -> None:
         tmp.unlink()
 
 
-def stage_file(final: Path, writer: Callable[[Path], None], suffix: str = "") -> Path:
+def stage_file(final: Path, writer: Callable[[Path], None], suffix: str = "", tag: str = "") -> Path:
     """Let ``writer`` fill a private temp beside ``final``, fsync it, and leave it there: the temp path.
 
     The first half of :func:`atomic_path`, for a pipeline worker whose caller decides later whether
     the file may appear (:func:`commit_staged`) or not (:func:`discard_staged`). The fsync here takes
-    the flush off the caller's thread; the commit's own fsync then finds nothing dirty. The name
-    carries ``TEMP_PREFIX``, so a crash's leftovers are swept like any other temp.
+    the flush off the caller's thread; the commit's own fsync then finds nothing dirty. The name is
+    ``TEMP_PREFIX + tag + random``: swept like any other temp after a crash, and ``tag`` lets the
+    caller find what a worker that died half-way left (:func:`discard_tagged`).
     """
-    tmp = _make_temp(final, suffix)
+    tmp = _make_temp(final, suffix, tag)
     try:
         writer(tmp)
         failpoint("staged")  # fires in the worker process: a worker dying mid-scan, not the service
@@ -87,13 +88,13 @@ def stage_file(final: Path, writer: Callable[[Path], None], suffix: str = "") ->
     return tmp
 
 
-def stage_bytes(final: Path, data: bytes) -> Path:
+def stage_bytes(final: Path, data: bytes, tag: str = "") -> Path:
     """:func:`stage_file` for bytes in hand."""
 
     def fill(tmp: Path) -> None:
         tmp.write_bytes(data)
 
-    return stage_file(final, fill)
+    return stage_file(final, fill, tag=tag)
 
 
 def commit_staged(tmp: Path, final: Path) -> None:
@@ -122,6 +123,21 @@ def discard_staged(temps: Iterable[Path]) -> None:
     for tmp in temps:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def discard_tagged(folder: Path, tag: str, keep: Iterable[Path] = ()) -> list[Path]:
+    """Remove the temps staged with ``tag`` in ``folder``, but those in ``keep``: a dead worker's, whose
+    names nobody was told."""
+    if not tag:
+        raise ValueError("an empty tag would match every temp in the folder")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    kept = set(keep)
+    gone = [folder / n for n in names if n.startswith(TEMP_PREFIX + tag) and folder / n not in kept]
+    discard_staged(gone)
+    return gone
 
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

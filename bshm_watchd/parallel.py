@@ -44,6 +44,7 @@ from bshm_watchd.fsutil import out_of_space
 from bshm_watchd.pipeline import (
     OutputPaths,
     ScanMeta,
+    Staged,
     Timings,
     analysis_image,
     bounded_copy,
@@ -81,6 +82,8 @@ class ScanTask:
     stage_outputs: bool = False
     """Leave the outputs as fsynced temps beside their final names (``ScanResult.staged``) for the
     caller to commit or discard: the daemon checks the source first. Otherwise they are renamed in place."""
+    temp_tag: str = ""
+    """Put in the staged temps' names, so the caller can remove what a worker that died left."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class ScanResult:
     """The worker process that wrote the outputs."""
     exc_type: str = ""
     """The failure's exception class (``WorkerDied`` for a dead worker)."""
+    worker_deaths: int = 0
+    """Workers that died holding this scan: each may have left a staged temp behind."""
 
     @property
     def ok(self) -> bool:
@@ -119,6 +124,7 @@ class _Work:
     model: str
     max_pixels: int
     stage_outputs: bool = False
+    temp_tag: str = ""
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,7 @@ def finish_stage(work: _Work, alpha: Alpha, size: tuple[int, int], ms: dict[str,
     """Worker: decode again, bring the matte to full size, write the outputs (sidecar timings included)."""
     t = Timings(ms=dict(ms))
     need = 0
-    staged: dict[Path, Path] | None = {} if work.stage_outputs else None
+    staged = Staged(tag=work.temp_tag) if work.stage_outputs else None
     try:
         with t.stage("redecode"):
             data = work.data if work.data is not None else read_file(work.src)
@@ -235,7 +241,7 @@ def finish_stage(work: _Work, alpha: Alpha, size: tuple[int, int], ms: dict[str,
         if failed.stage == "write" and out_of_space(exc, work.out_base.parent, need):
             failed = replace(failed, disk_full=True)
         return failed
-    pairs = tuple((p, staged[p]) for p in written) if staged is not None else ()
+    pairs = tuple((p, staged.files[p]) for p in written) if staged is not None else ()
     return _Finished(written=tuple(written), ms=t.ms, staged=pairs, pid=os.getpid())
 
 
@@ -251,6 +257,8 @@ class _Item:
     size: tuple[int, int] = (0, 0)
     alpha: Alpha | None = None
     strikes: int = 0
+    deaths: int = 0
+    """Workers that died holding this scan (``strikes`` is reset once it gets through)."""
 
 
 class ScanPipeline:
@@ -307,7 +315,8 @@ class ScanPipeline:
             self._step(timeout=None)
         work = _Work(src=task.src, data=task.data, out_base=task.out_base, profile=task.profile,
                      profile_name=task.profile_name, source=task.source or task.src.name,
-                     model=self.matter.name, max_pixels=self.max_pixels, stage_outputs=task.stage_outputs)
+                     model=self.matter.name, max_pixels=self.max_pixels, stage_outputs=task.stage_outputs,
+                     temp_tag=task.temp_tag)
         self._queued.append(_Item(task=task, work=work))
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         self._dispatch()
@@ -415,7 +424,7 @@ class ScanPipeline:
             self._ready.append(item)
         else:
             self._done.append(ScanResult(task=item.task, written=out.written, ms=out.ms, staged=out.staged,
-                                         worker_pid=out.pid))
+                                         worker_pid=out.pid, worker_deaths=item.deaths))
 
     def _worker_died(self, item: _Item, generation: int) -> None:
         if generation == self._generation and self._pool is not None:
@@ -423,6 +432,7 @@ class ScanPipeline:
             self._pool = None
             self._generation += 1
         item.strikes += 1
+        item.deaths += 1
         if item.strikes == 1:
             self._suspects += 1
         if item.strikes >= MAX_STRIKES:
@@ -436,7 +446,8 @@ class ScanPipeline:
         ms = {**item.ms, **failed.ms}
         self._done.append(ScanResult(task=item.task, ms=ms, error=failed.message, stage=failed.stage,
                                      transient=failed.transient, crashed=failed.crashed,
-                                     disk_full=failed.disk_full, exc_type=failed.exc_type))
+                                     disk_full=failed.disk_full, exc_type=failed.exc_type,
+                                     worker_deaths=item.deaths))
 
     def _infer(self) -> None:
         batch = [self._ready.popleft() for _ in range(min(self.batch_size, len(self._ready)))]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,10 +211,22 @@ def png_params(compression: int) -> list[int]:
     return params
 
 
-def write_png(path: Path, arr: npt.NDArray[Any], compression: int, staged: dict[Path, Path] | None = None) -> None:
+@dataclass
+class Staged:
+    """Outputs left as fsynced temps beside their final names, ``files`` {final: temp}, for the caller to
+    commit or discard; ``tag`` goes into the temps' names (see :func:`bshm_watchd.fsutil.stage_file`)."""
+
+    tag: str = ""
+    files: dict[Path, Path] = field(default_factory=dict)
+
+    def add(self, final: Path, writer: Callable[[Path], None], suffix: str = "") -> None:
+        self.files[final] = stage_file(final, writer, suffix, tag=self.tag)
+
+
+def write_png(path: Path, arr: npt.NDArray[Any], compression: int, staged: Staged | None = None) -> None:
     """Durable PNG write: temp beside the final name, fsync, rename, fsync the folder.
 
-    With ``staged``, the fsynced temp is left unrenamed and recorded as ``staged[path]``.
+    With ``staged``, the fsynced temp is left unrenamed and recorded there.
     """
 
     def encode(tmp: Path) -> None:
@@ -225,7 +237,7 @@ def write_png(path: Path, arr: npt.NDArray[Any], compression: int, staged: dict[
         if staged is None:
             write_with(path, encode, suffix=".png")
         else:
-            staged[path] = stage_file(path, encode, suffix=".png")
+            staged.add(path, encode, suffix=".png")
     except OSError as exc:
         raise ScanError(f"cannot write {path}: {exc.strerror or exc}", stage="write",
                         transient=True) from exc
@@ -248,23 +260,23 @@ def write_outputs(
     profile: Profile,
     meta: ScanMeta,
     timings: Timings,
-    staged: dict[Path, Path] | None = None,
+    staged: Staged | None = None,
 ) -> list[Path]:
     """Write every enabled output durably; the sidecar last, so it lists the final timings.
 
-    With ``staged`` ({final: fsynced temp}), nothing is renamed: the caller commits or discards the
+    With ``staged``, nothing is renamed: the caller commits or discards the
     temps (the daemon, after checking the source did not change meanwhile). On failure the temps
     staged so far are removed.
     """
     try:
         return _write_outputs(paths, decoded, matte, profile, meta, timings, staged)
     except BaseException:
-        discard_staged((staged or {}).values())
+        discard_staged(staged.files.values() if staged is not None else ())
         raise
 
 
 def _write_outputs(paths: OutputPaths, decoded: Decoded, matte: Matte8, profile: Profile, meta: ScanMeta,
-                   timings: Timings, staged: dict[Path, Path] | None) -> list[Path]:
+                   timings: Timings, staged: Staged | None) -> list[Path]:
     outs = profile.outputs
     written = []
     with timings.stage("write"):
@@ -301,7 +313,7 @@ def _write_outputs(paths: OutputPaths, decoded: Decoded, matte: Matte8, profile:
             if staged is None:
                 write_bytes_atomic(paths.sidecar, body)
             else:
-                staged[paths.sidecar] = stage_bytes(paths.sidecar, body)
+                staged.files[paths.sidecar] = stage_bytes(paths.sidecar, body, tag=staged.tag)
         except OSError as exc:
             raise ScanError(f"cannot write {paths.sidecar}: {exc.strerror or exc}", stage="write",
                             transient=True) from exc

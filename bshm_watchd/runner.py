@@ -17,9 +17,10 @@ from collections.abc import Callable
 import structlog
 
 from bshm_watchd.errors import BshmError
+from bshm_watchd.fsutil import discard_tagged
 from bshm_watchd.parallel import ScanPipeline, ScanResult
 from bshm_watchd.sdnotify import ProgressTracker
-from bshm_watchd.worker import Claimed, Outcome, ScanWorker, WorkItem, remove_temps_since
+from bshm_watchd.worker import Claimed, Outcome, ScanWorker, WorkItem
 
 log = structlog.get_logger(__name__)
 
@@ -138,9 +139,9 @@ class ScanRunner:
     def _abandon(self) -> None:
         """The stop grace is over: finish what is finished, kill the workers, roll the rest back.
 
-        A rolled-back scan's temps (a killed worker's half-written ones too) go now, as a restart removes
-        a crashed run's; its claim is given back without counting an attempt. Its outcome is never
-        posted: it is still in the inbox for the next start.
+        A rolled-back scan's temps (a killed worker's half-written ones too, found by their tag) go now;
+        its claim is given back without counting an attempt. Its outcome is never posted: it is still
+        in the inbox for the next start.
         """
         for result in self.pipeline.poll(timeout=0):
             self._end(result)
@@ -150,7 +151,7 @@ class ScanRunner:
         for task in lost:
             job = self._jobs.pop(id(task))
             self.worker.forget(job)
-            remove_temps_since(job.item.watch, job.rel, job.claimed_at)
+            discard_tagged(job.base.parent, job.temp_tag)
             try:
                 self.worker.ledger.release(job.row_id, "daemon stopped before the scan finished", "stop",
                                            counts=False)

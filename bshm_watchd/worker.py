@@ -20,7 +20,7 @@ from bshm_watchd.disposal import move_file, quarantine
 from bshm_watchd.engine.base import Matter
 from bshm_watchd.errors import ScanError
 from bshm_watchd.failpoints import failpoint
-from bshm_watchd.fsutil import TEMP_PREFIX, commit_staged, discard_staged, out_of_space
+from bshm_watchd.fsutil import TEMP_PREFIX, commit_staged, discard_staged, discard_tagged, out_of_space
 from bshm_watchd.ledger import Hint, Ledger, Row
 from bshm_watchd.parallel import ScanResult, ScanTask
 from bshm_watchd.settle import REFUSE_ERRNOS, open_beneath
@@ -61,9 +61,12 @@ class Claimed:
     hint: Hint
     """The stat signature of what was read and hashed: the source must still have it at commit."""
     base: Path
-    claimed_at: float
-    """The claim's ledger time: temps in the output folder from then on may be this scan's."""
     task: ScanTask | None = None
+
+    @property
+    def temp_tag(self) -> str:
+        """In the names of this claim's staged temps (one claim of a row is in flight at a time)."""
+        return f"r{self.row_id}-"
 
 
 def pipeline_key(cfg: Config, watch: WatchSpec, matter_name: str) -> str:
@@ -209,10 +212,10 @@ class ScanWorker:
         except ScanError as exc:
             return self._failed(item, rel, row.id, row.attempts, sha, exc, jlog)
         self._bases[(watch.name, base)] = str(rel)
-        job = Claimed(item=item, rel=rel, row_id=row.id, attempts=row.attempts, sha=sha, hint=hint, base=base,
-                      claimed_at=row.updated_at)
+        job = Claimed(item=item, rel=rel, row_id=row.id, attempts=row.attempts, sha=sha, hint=hint, base=base)
         job.task = ScanTask(src=path, out_base=base, profile=self.cfg.profile(watch.profile),
-                            profile_name=watch.profile, source=str(rel), data=data, tag=job, stage_outputs=True)
+                            profile_name=watch.profile, source=str(rel), data=data, tag=job, stage_outputs=True,
+                            temp_tag=job.temp_tag)
         return job
 
     def end(self, job: Claimed, result: ScanResult) -> Outcome:
@@ -222,6 +225,9 @@ class ScanWorker:
         Whatever happens, no staged temp outlives this call except by a crash (then the restart sweeps it).
         """
         left = [tmp for _, tmp in result.staged]
+        if result.worker_deaths:
+            # A worker that died holding this scan told nobody its temps' names; the tag finds them.
+            discard_tagged(job.base.parent, job.temp_tag, keep=left)
         try:
             return self._end(job, result, left)
         finally:
@@ -248,6 +254,7 @@ class ScanWorker:
             return self._failed(item, rel, job.row_id, job.attempts, job.sha, exc, jlog,
                                 exc_type=result.exc_type or None)
         failpoint("matted")
+        self.hook("staged", item)
         # The source must still be what we hashed: an append after our read means a newer scan.
         try:
             now = Hint.of(os.lstat(item.path))
