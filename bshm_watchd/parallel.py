@@ -13,56 +13,41 @@ process would hold every waiting scan's full-size pixels (162 MB each at 6000×9
 twice. At most ``max_inflight`` scans are between submission and result, so memory stays flat
 however many scans wait. A bad file comes back as a failed result; a worker that dies (a decoder
 crash, the OOM killer) is replaced, and the scans it held are retried one at a time so only the
-culprit fails.
+culprit fails. With ``ScanTask.stage_outputs`` the writes stop short of the rename: the caller (the
+daemon, once it re-checked the source) commits the fsynced temps. The worker side: :mod:`.stages`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import multiprocessing
 import os
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import cv2
-
 from bshm_watchd.config import Profile
-from bshm_watchd.decode import DEFAULT_MAX_PIXELS, decode_bytes, read_file
+from bshm_watchd.decode import DEFAULT_MAX_PIXELS
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
-from bshm_watchd.errors import BshmError, ScanError
-from bshm_watchd.fsutil import out_of_space
-from bshm_watchd.pipeline import (
-    OutputPaths,
-    ScanMeta,
-    Staged,
-    Timings,
-    analysis_image,
-    bounded_copy,
-    full_matte,
-    write_outputs,
+from bshm_watchd.stages import (
+    Failed,
+    Prepared,
+    Work,
+    as_failed,
+    cpu_count,
+    finish_stage,
+    init_worker,
+    ping,
+    prepare_stage,
 )
-from bshm_watchd.refine import grey01
 
 MAX_STRIKES = 2
 """A scan in flight when a worker died twice is the culprit (the second time it ran alone)."""
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -112,144 +97,11 @@ class ScanResult:
         return self.error is None
 
 
-# ---- what crosses to and from the workers (module level, so it pickles) --------------------------
-@dataclass(frozen=True)
-class _Work:
-    src: Path
-    data: bytes | None
-    out_base: Path
-    profile: Profile
-    profile_name: str
-    source: str
-    model: str
-    max_pixels: int
-    stage_outputs: bool = False
-    temp_tag: str = ""
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    analysis: RGB8
-    size: tuple[int, int]
-    ms: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _Finished:
-    written: tuple[Path, ...]
-    ms: dict[str, float]
-    staged: tuple[tuple[Path, Path], ...] = ()
-    pid: int = 0
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """Exceptions are returned as values: ScanError's keyword-only arguments do not survive unpickling."""
-
-    message: str
-    stage: str
-    transient: bool
-    crashed: bool
-    ms: dict[str, float]
-    disk_full: bool = False
-    exc_type: str = ""
-
-
-def _failed(exc: BaseException, stage: str, ms: dict[str, float]) -> _Failed:
-    kind = type(exc).__name__
-    if isinstance(exc, ScanError):
-        return _Failed(str(exc), exc.stage, exc.transient, False, ms, exc_type=kind)
-    if isinstance(exc, BshmError):
-        return _Failed(str(exc), stage, False, False, ms, exc_type=kind)
-    if isinstance(exc, MemoryError):  # worth another try later, when fewer big scans share the memory
-        return _Failed(f"out of memory: {exc}", stage, True, False, ms, exc_type=kind)
-    return _Failed(f"internal error {kind}: {exc}", stage, False, True, ms, exc_type=kind)
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: have the kernel SIGKILL this worker when its parent dies, however it dies.
-
-    Without it a SIGKILLed daemon leaves its workers behind, blocked on the task queue for ever or,
-    worse, still writing a scan's temps after the restart swept that scan's leftovers.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the prctl took hold
-        os._exit(1)
-
-
-def _init_worker(nice: int, parent: int = 0) -> None:
-    if parent:
-        _die_with_parent(parent)
-    # One core per worker: OpenCV's own thread pool in every worker would oversubscribe the cores
-    # the pool already fills, and steal them from inference.
-    cv2.setNumThreads(1)
-    # Ctrl-C reaches the whole process group; the main process shuts the pool down in order, and a
-    # traceback from every worker would bury the one line that matters.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if nice:
-        os.nice(nice)
-
-
-def _ping() -> int:
-    return os.getpid()
-
-
-def prepare_stage(work: _Work) -> _Prepared | _Failed:
-    """Worker: read, decode, and the bounded analysis copy the model will see."""
-    t = Timings()
-    try:
-        with t.stage("read"):
-            data = work.data if work.data is not None else read_file(work.src)
-        with t.stage("decode"):
-            decoded = decode_bytes(data, work.src.name, work.max_pixels)
-        with t.stage("analysis"):
-            analysis = analysis_image(bounded_copy(decoded, work.profile.matting.max_side), work.profile)
-    except Exception as exc:  # a decoder bug on one file must come back as that file's failure
-        return _failed(exc, "decode", t.ms)
-    return _Prepared(analysis=analysis, size=decoded.size, ms=t.ms)
-
-
-def finish_stage(work: _Work, alpha: Alpha, size: tuple[int, int], ms: dict[str, float]) -> _Finished | _Failed:
-    """Worker: decode again, bring the matte to full size, write the outputs (sidecar timings included)."""
-    t = Timings(ms=dict(ms))
-    need = 0
-    staged = Staged(tag=work.temp_tag) if work.stage_outputs else None
-    try:
-        with t.stage("redecode"):
-            data = work.data if work.data is not None else read_file(work.src)
-            decoded = decode_bytes(data, work.src.name, work.max_pixels)
-        if decoded.size != size:
-            raise ScanError(f"{work.src.name} changed while it was processed", stage="decode", transient=True)
-        need = 3 * decoded.rgb.nbytes  # ≥ cut-out + matte + composite, uncompressed
-        with t.stage("refine"):
-            guide = grey01(bounded_copy(decoded, work.profile.matting.max_side))
-        matte = full_matte(decoded, guide, alpha, work.profile, t)
-        sha = hashlib.sha256(data).hexdigest() if work.profile.outputs.sidecar else None
-        meta = ScanMeta(source=work.source, sha256=sha, model=work.model, profile=work.profile_name)
-        written = write_outputs(OutputPaths.for_base(work.out_base), decoded, matte, work.profile, meta, t,
-                                staged)
-    except Exception as exc:
-        failed = _failed(exc, "write", t.ms)
-        if failed.stage == "write" and out_of_space(exc, work.out_base.parent, need):
-            failed = replace(failed, disk_full=True)
-        return failed
-    pairs = tuple((p, staged.files[p]) for p in written) if staged is not None else ()
-    return _Finished(written=tuple(written), ms=t.ms, staged=pairs, pid=os.getpid())
-
-
 # ---- the scheduler (main process) -----------------------------------------------------------------
 @dataclass
 class _Item:
     task: ScanTask
-    work: _Work
+    work: Work
     ms: dict[str, float] = field(default_factory=dict)
     stage: str = "prepare"
     """prepare → infer → finish."""
@@ -313,7 +165,7 @@ class ScanPipeline:
     def submit(self, task: ScanTask) -> None:
         while self.inflight >= self.max_inflight:
             self._step(timeout=None)
-        work = _Work(src=task.src, data=task.data, out_base=task.out_base, profile=task.profile,
+        work = Work(src=task.src, data=task.data, out_base=task.out_base, profile=task.profile,
                      profile_name=task.profile_name, source=task.source or task.src.name,
                      model=self.matter.name, max_pixels=self.max_pixels, stage_outputs=task.stage_outputs,
                      temp_tag=task.temp_tag)
@@ -345,7 +197,7 @@ class ScanPipeline:
         """Start every worker now (imports included) rather than on the first scans: for timing, and so a
         daemon pays the start-up before its first scan arrives."""
         pool = self._pool_now()
-        wait([pool.submit(_ping) for _ in range(self.workers)])
+        wait([pool.submit(ping) for _ in range(self.workers)])
 
     def abort(self) -> list[ScanTask]:
         """Kill the workers now and forget the scans in flight (returned; results already finished stay
@@ -378,7 +230,7 @@ class ScanPipeline:
     def _pool_now(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self._ctx,
-                                             initializer=_init_worker, initargs=(self.worker_nice, os.getpid()))
+                                             initializer=init_worker, initargs=(self.worker_nice, os.getpid()))
         return self._pool
 
     def _dispatch(self) -> None:
@@ -415,10 +267,10 @@ class ScanPipeline:
         if item.strikes:
             item.strikes = 0
             self._suspects -= 1
-        out: Any = _failed(exc, item.stage, item.ms) if exc is not None else fut.result()
-        if isinstance(out, _Failed):
+        out: Any = as_failed(exc, item.stage, item.ms) if exc is not None else fut.result()
+        if isinstance(out, Failed):
             self._finish(item, out)
-        elif isinstance(out, _Prepared):
+        elif isinstance(out, Prepared):
             item.analysis, item.size, item.stage = out.analysis, out.size, "infer"
             item.ms.update(out.ms)
             self._ready.append(item)
@@ -437,12 +289,12 @@ class ScanPipeline:
             self._suspects += 1
         if item.strikes >= MAX_STRIKES:
             self._suspects -= 1
-            self._finish(item, _Failed("a worker process died on this scan (decoder crash or out of memory)",
+            self._finish(item, Failed("a worker process died on this scan (decoder crash or out of memory)",
                                        item.stage, False, True, item.ms, exc_type="WorkerDied"))
         else:
             self._queued.appendleft(item)
 
-    def _finish(self, item: _Item, failed: _Failed) -> None:
+    def _finish(self, item: _Item, failed: Failed) -> None:
         ms = {**item.ms, **failed.ms}
         self._done.append(ScanResult(task=item.task, ms=ms, error=failed.message, stage=failed.stage,
                                      transient=failed.transient, crashed=failed.crashed,
@@ -464,9 +316,9 @@ class ScanPipeline:
             shape = item.analysis.shape[:2] if item.analysis is not None else None
             item.analysis = None  # the analysis copy is not needed any more; do not carry it
             if isinstance(alpha, BaseException):
-                self._finish(item, _failed(alpha, "matting", {}))
+                self._finish(item, as_failed(alpha, "matting", {}))
             elif alpha.shape != shape:
-                self._finish(item, _Failed(f"model returned alpha {alpha.shape}, expected {shape}", "matting",
+                self._finish(item, Failed(f"model returned alpha {alpha.shape}, expected {shape}", "matting",
                                            False, True, {}))
             else:
                 item.alpha, item.stage = alpha, "finish"

@@ -77,20 +77,29 @@ class ScanRunner:
     def _loop(self) -> None:
         deadline: float | None = None
         while True:
-            if deadline is None and self._take():
-                deadline = self._clock() + self.drain_s
-                log.info("scan_pipeline_draining", inflight=self.pipeline.inflight)
-            if not self.pipeline.inflight:
+            try:
+                if deadline is None and self._take():
+                    deadline = self._clock() + self.drain_s
+                    log.info("scan_pipeline_draining", inflight=self.pipeline.inflight)
+                if not self.pipeline.inflight:
+                    if deadline is not None:
+                        return
+                    continue
+                full = self.pipeline.inflight >= self.pipeline.max_inflight
+                # Full: nothing to take, wait for a stage. Otherwise look at the work queue again soon.
+                for result in self.pipeline.poll(timeout=None if full and deadline is None else POLL):
+                    self._end(result)
+                if deadline is not None and self._clock() >= deadline and self.pipeline.inflight:
+                    self._roll_back("daemon stopped before the scan finished", "scan_abandoned_at_stop",
+                                    finish=True, post=False)
+                    return
+            except Exception:
+                # The pool could not be (re)started, or a bug here: without this the thread would end and
+                # the daemon would watch folders for ever without processing anything.
+                log.exception("scan_pipeline_failed", inflight=len(self._jobs))
+                self._roll_back("scan pipeline failed", "scan_rolled_back", finish=False, post=True)
                 if deadline is not None:
                     return
-                continue
-            full = self.pipeline.inflight >= self.pipeline.max_inflight
-            # Full: nothing to take, wait for a stage. Otherwise look at the work queue again soon.
-            for result in self.pipeline.poll(timeout=None if full and deadline is None else POLL):
-                self._end(result)
-            if deadline is not None and self._clock() >= deadline and self.pipeline.inflight:
-                self._abandon()
-                return
 
     def _take(self) -> bool:
         """Begin and submit queued items while there is room; True once the stop marker arrived."""
@@ -123,7 +132,9 @@ class ScanRunner:
         return False
 
     def _end(self, result: ScanResult) -> None:
-        job = self._jobs.pop(id(result.task))
+        job = self._jobs.pop(id(result.task), None)
+        if job is None:  # rolled back already
+            return
         self.progress.progressed(JOB)
         outcome: Outcome | None
         try:
@@ -136,28 +147,35 @@ class ScanRunner:
             outcome = None
         self.results.put((job.item, outcome))
 
-    def _abandon(self) -> None:
-        """The stop grace is over: finish what is finished, kill the workers, roll the rest back.
+    def _roll_back(self, reason: str, event: str, *, finish: bool, post: bool) -> None:
+        """Kill the workers and give every scan in flight back: at a stop whose grace is over, or after
+        the pipeline itself failed.
 
-        A rolled-back scan's temps (a killed worker's half-written ones too, found by their tag) go now;
-        its claim is given back without counting an attempt. Its outcome is never posted: it is still
-        in the inbox for the next start.
+        ``finish``: end the results already there first. A rolled-back scan's temps (a killed worker's
+        half-written ones too, found by their tag) go now; its claim is given back without counting an
+        attempt. ``post``: its outcome is "retry"; otherwise none is posted (a stop: it is still in the
+        inbox for the next start).
         """
-        for result in self.pipeline.poll(timeout=0):
+        if finish:
+            for result in self.pipeline.poll(timeout=0):
+                self._end(result)
+        try:
+            self.pipeline.abort()
+        except Exception:
+            log.exception("scan_pipeline_abort_failed")
+        for result in self.pipeline.poll(timeout=0):  # finished before the abort: nothing runs now
             self._end(result)
-        lost = self.pipeline.abort()
-        for result in self.pipeline.poll(timeout=0):
-            self._end(result)
-        for task in lost:
-            job = self._jobs.pop(id(task))
+        jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
             self.worker.forget(job)
             discard_tagged(job.base.parent, job.temp_tag)
             try:
-                self.worker.ledger.release(job.row_id, "daemon stopped before the scan finished", "stop",
-                                           counts=False)
+                self.worker.ledger.release(job.row_id, reason, "stop" if not post else "pipeline", counts=False)
             except BshmError as exc:
                 log.error("scan_infrastructure_error", rel=str(job.rel), error=str(exc))
-            log.warning("scan_abandoned_at_stop", watch=job.item.watch.name, rel=str(job.rel))
+            log.warning(event, watch=job.item.watch.name, rel=str(job.rel))
+            if post:
+                self.results.put((job.item, None))
 
     def _busy_with(self, item: WorkItem) -> None:
         if self._busy:

@@ -133,7 +133,11 @@ def read_stable(root: Path, path: Path, expected: Hint) -> tuple[bytes, Hint] | 
 
 
 class ScanWorker:
-    """Holds what one scan needs; ``handle`` never raises for a bad scan."""
+    """The daemon's half of a scan, around the pipeline: ``begin`` and ``end`` never raise for a bad scan.
+
+    ``hook(stage, item)`` is called at ``start``, ``claimed`` and ``staged`` (the result is back, the
+    outputs are temps, the source is not re-checked yet): a seam for tests.
+    """
 
     def __init__(self, cfg: Config, matter: Matter, ledger: Ledger,
                  hook: Callable[[str, WorkItem], None] | None = None) -> None:

@@ -3,6 +3,7 @@ by the workers and made visible only by the daemon's commit, and what a crash or
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from daemon_helpers import (
 from bshm_watchd import daemon as daemon_mod
 from bshm_watchd.failpoints import COUNT_DIR_ENV, ENV
 from bshm_watchd.fsutil import TEMP_PREFIX, stage_bytes
+from bshm_watchd.parallel import ScanPipeline
 from bshm_watchd.worker import WorkItem
 
 
@@ -328,3 +330,31 @@ class TestPipelineLoop:
         assert events(logs, "scan_abandoned_at_stop") == []
         assert done_rels(lay) == set(claims)
         assert all((lay.inbox / name).is_file() for name in names)
+
+    def test_pool_that_cannot_start_rolls_back_and_retries(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
+    ) -> None:
+        """Worker processes that cannot be started (EAGAIN) at the first scan: its claim is given back, the
+        scan thread lives on, and the retry after the back-off does the scan."""
+        real = ScanPipeline._pool_now
+        refusals: list[int] = []
+
+        def pool_now(self: ScanPipeline) -> Any:
+            if len(refusals) < 2:  # the eager start at start-up, then the first scan's submission
+                refusals.append(1)
+                raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            return real(self)
+
+        monkeypatch.setattr(ScanPipeline, "_pool_now", pool_now)
+        lay = make_layout(tmp_path, settle_seconds=0.2)
+        ex = Expect()
+        ex.add("r.jpg", image_bytes(760))
+        with running(lay, backoff=(0.2, 0.5)):
+            (lay.inbox / "r.jpg").write_bytes(ex.originals["r.jpg"])
+            wait_for(lambda: "r.jpg" in done_rels(lay) or quarantined(lay), 30, "r.jpg done")
+        assert len(refusals) == 2
+        assert len(events(logs, "workers_start_failed")) == 1
+        assert len(events(logs, "scan_pipeline_failed")) == 1
+        assert [e["rel"] for e in events(logs, "scan_rolled_back")] == ["r.jpg"]
+        assert [r["attempts"] for r in ledger_rows(lay)] == [1]
+        assert_oracle(lay, ex)
