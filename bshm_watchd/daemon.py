@@ -420,9 +420,13 @@ class Daemon:
             log.error("reload_rejected_keeping_old_config", error=str(exc))
             self.notifier.ready(self._status_text())
             return
+        if new.workers != self.cfg.workers:
+            log.warning("reload_keeps_workers_until_restart", workers=self.cfg.workers, requested=new.workers)
         self.cfg = new
         self.worker.cfg = new
         self.checker.cfg = new
+        if self.runner is not None:  # read at each submission; the pool itself lives until a restart
+            self.runner.pipeline.max_pixels = new.max_pixels
         self._set_watches(new)
         log.info("config_reloaded", watches=[w.name for w in new.watch])
         self.notifier.ready(self._status_text())

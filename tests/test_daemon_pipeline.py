@@ -358,3 +358,26 @@ class TestPipelineLoop:
         assert [e["rel"] for e in events(logs, "scan_rolled_back")] == ["r.jpg"]
         assert [r["attempts"] for r in ledger_rows(lay)] == [1]
         assert_oracle(lay, ex)
+
+
+class TestReload:
+    def test_reloaded_pixel_limit_reaches_the_pipeline(self, tmp_path: Path,
+                                                       logs: list[MutableMapping[str, Any]]) -> None:
+        """A reload that lowers max_pixels applies to the next scan (the pipeline outlives the reload)."""
+        lay = make_layout(tmp_path, settle_seconds=0.2)
+        watch = {"name": "w", "input": str(lay.inbox), "output": str(lay.out), "quarantine": str(lay.failed),
+                 "profile": "test", "settle_seconds": 0.2}
+        ex = Expect()
+        ex.add("small.jpg", image_bytes(770, "JPEG", 900, 1000))
+        ex.add("big.jpg", image_bytes(771, "JPEG", 1200, 1000), bad=True)
+        with running(lay) as d:
+            (lay.inbox / "small.jpg").write_bytes(ex.originals["small.jpg"])
+            wait_for(lambda: "small.jpg" in done_rels(lay), 30, "small.jpg done")
+            write_config(lay, [watch], max_pixels=1_000_000)
+            d.request_reload()
+            wait_for(lambda: events(logs, "config_reloaded"), 10, "the reload")
+            (lay.inbox / "big.jpg").write_bytes(ex.originals["big.jpg"])
+            wait_for(lambda: quarantined(lay) == {"big.jpg"}, 30, "big.jpg quarantined")
+        info = json.loads((lay.failed / "big.jpg.error.json").read_text(encoding="utf-8"))
+        assert info["stage"] == "decode" and ("too large" in info["reason"] or "exceeds" in info["reason"]), info
+        assert_oracle(lay, ex)
