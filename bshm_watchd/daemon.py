@@ -1,10 +1,11 @@
-"""``bshm-watchd run``: the main loop — watchers feed settle gates, one worker thread mattes, systemd is told.
+"""``bshm-watchd run``: the main loop — watchers feed settle gates, the scan pipeline mattes, systemd is told.
 
 Threads: watchdog observers push paths into ``events``; the main loop owns the settle gates,
-rescans, share checks, reloads, the status file, the watchdog and all bookkeeping; one worker
-thread runs scans (the model uses the cores itself) and hands each outcome back on ``results``.
-Nothing is shared but queues, the stop event and the progress tracker; each thread has its own
-ledger connection.
+rescans, share checks, reloads, the status file, the watchdog and all bookkeeping; one scan thread
+(:mod:`bshm_watchd.runner`) claims scans, batches their inference and commits their results, while
+the pipeline's worker processes decode, refine and encode them; each outcome comes back on
+``results``. Nothing is shared but queues, the stop event and the progress tracker; each thread has
+its own ledger connection.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from bshm_watchd.config import Config, WatchSpec, load_config
 from bshm_watchd.engine.base import Matter
 from bshm_watchd.errors import BshmError, ConfigError
 from bshm_watchd.ledger import Hint, Ledger
+from bshm_watchd.parallel import ScanPipeline
+from bshm_watchd.runner import ScanRunner
 from bshm_watchd.sdnotify import Notifier, ProgressTracker, WatchdogGate
 from bshm_watchd.settle import SettleGate
 from bshm_watchd.status import Counters, write_status_file
@@ -37,6 +40,8 @@ log = structlog.get_logger(__name__)
 
 TICK = 0.25
 STOP_GRACE = 25.0
+DRAIN_GRACE = 20.0
+"""Seconds the scans in flight get to finish at a stop before they are rolled back (within STOP_GRACE)."""
 TEMP_TTL = 3600.0
 BACKOFF = (5.0, 30.0, 120.0, 600.0)
 RESTART_PAUSE = 5.0
@@ -95,6 +100,7 @@ class Daemon:
         """Set once the observers run and the first tick (the backlog rescan) is over."""
         self._space_ok = True
         self.started = time.time()
+        self.runner: ScanRunner | None = None
 
     # ---- signals ---------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -126,12 +132,18 @@ class Daemon:
         # Rescans read through their own connection (WAL readers never wait for the writer), so the
         # main loop — and with it the watchdog — never blocks behind a scan in progress.
         self.checker = ScanWorker(cfg, self._matter, Ledger(self.ledger.path, readonly=True))
+        # One pipeline for the daemon's life: the matter never changes without a restart, and a task
+        # carries its profile, so a reload needs nothing from it.
+        pipeline = ScanPipeline(self._matter, max_pixels=cfg.max_pixels, workers=cfg.workers)
+        self.runner = ScanRunner(self.worker, pipeline, self.work, self.results, self.progress,
+                                 drain_s=DRAIN_GRACE)
         self._set_watches(cfg)
-        thread = threading.Thread(target=self._work_loop, name="scan-worker", daemon=True)
+        thread = threading.Thread(target=self.runner.run, name="scan-pipeline", daemon=True)
         thread.start()
         gate = WatchdogGate(self.notifier)
         self.notifier.ready(self._status_text())
-        log.info("daemon_ready", watches=[w.name for w in cfg.watch], model=self._matter.name, pid=os.getpid())
+        log.info("daemon_ready", watches=[w.name for w in cfg.watch], model=self._matter.name, pid=os.getpid(),
+                 workers=pipeline.workers)
         last_status = 0.0
         while not self.stop.is_set():
             try:
@@ -354,24 +366,6 @@ class Daemon:
             log.info("disk_space_ok_resuming")
         return True
 
-    # ---- the worker thread -----------------------------------------------------------------
-    def _work_loop(self) -> None:
-        while True:
-            item = self.work.get()
-            if item is None:
-                return
-            outcome: Outcome | None
-            try:
-                with self.progress.job("scan-worker", _rel(item.watch, item.path)):
-                    outcome = self.worker.handle(item)
-            except BshmError as exc:  # the ledger itself failed (disk full on the WAL, ...): retry later
-                log.error("scan_infrastructure_error", rel=_rel(item.watch, item.path), error=str(exc))
-                outcome = None
-            except Exception:
-                log.exception("scan_worker_error", rel=_rel(item.watch, item.path))
-                outcome = None
-            self.results.put((item, outcome))
-
     # ---- outcomes (main thread) -------------------------------------------------------------
     def _drain_results(self) -> None:
         while True:
@@ -426,9 +420,13 @@ class Daemon:
             log.error("reload_rejected_keeping_old_config", error=str(exc))
             self.notifier.ready(self._status_text())
             return
+        if new.workers != self.cfg.workers:
+            log.warning("reload_keeps_workers_until_restart", workers=self.cfg.workers, requested=new.workers)
         self.cfg = new
         self.worker.cfg = new
         self.checker.cfg = new
+        if self.runner is not None:  # read at each submission; the pool itself lives until a restart
+            self.runner.pipeline.max_pixels = new.max_pixels
         self._set_watches(new)
         log.info("config_reloaded", watches=[w.name for w in new.watch])
         self.notifier.ready(self._status_text())
@@ -454,7 +452,7 @@ class Daemon:
             for name, st in self.watches.items():
                 self.metrics.set_backlog(name, len(st.gate))
         data = {"pid": os.getpid(), "running": running, "started": self.started, "updated": time.time(),
-                "healthy": ok,
+                "healthy": ok, "workers": self.runner.workers if self.runner is not None else 0,
                 "health": why, "backlog": self.backlog(), "done": self.counters.done,
                 "quarantined": self.counters.quarantined, "by_watch": self.counters.by_watch,
                 "watches": {n: {"available": st.available, "mode": st.folder.mode if st.folder else None,

@@ -13,15 +13,14 @@ process would hold every waiting scan's full-size pixels (162 MB each at 6000×9
 twice. At most ``max_inflight`` scans are between submission and result, so memory stays flat
 however many scans wait. A bad file comes back as a failed result; a worker that dies (a decoder
 crash, the OOM killer) is replaced, and the scans it held are retried one at a time so only the
-culprit fails.
+culprit fails. With ``ScanTask.stage_outputs`` the writes stop short of the rename: the caller (the
+daemon, once it re-checked the source) commits the fsynced temps. The worker side: :mod:`.stages`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -32,33 +31,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import cv2
-
 from bshm_watchd.config import Profile
-from bshm_watchd.decode import DEFAULT_MAX_PIXELS, decode_bytes, read_file
+from bshm_watchd.decode import DEFAULT_MAX_PIXELS
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
-from bshm_watchd.errors import BshmError, ScanError
-from bshm_watchd.pipeline import (
-    OutputPaths,
-    ScanMeta,
-    Timings,
-    analysis_image,
-    bounded_copy,
-    full_matte,
-    write_outputs,
+from bshm_watchd.stages import (
+    Failed,
+    Prepared,
+    Work,
+    as_failed,
+    cpu_count,
+    finish_stage,
+    init_worker,
+    ping,
+    prepare_stage,
 )
-from bshm_watchd.refine import grey01
 
 MAX_STRIKES = 2
 """A scan in flight when a worker died twice is the culprit (the second time it ran alone)."""
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -75,6 +64,11 @@ class ScanTask:
     """What the sidecar records as the source; the file name when empty."""
     data: bytes | None = field(default=None, repr=False)
     tag: Any = field(default=None, compare=False)
+    stage_outputs: bool = False
+    """Leave the outputs as fsynced temps beside their final names (``ScanResult.staged``) for the
+    caller to commit or discard: the daemon checks the source first. Otherwise they are renamed in place."""
+    temp_tag: str = ""
+    """Put in the staged temps' names, so the caller can remove what a worker that died left."""
 
 
 @dataclass(frozen=True)
@@ -87,112 +81,27 @@ class ScanResult:
     transient: bool = False
     crashed: bool = False
     """An internal error or a dead worker, not a verdict on the file."""
+    disk_full: bool = False
+    """The write failed because the output filesystem is full (judged in the worker, which saw the errno)."""
+    staged: tuple[tuple[Path, Path], ...] = ()
+    """(final, temp) per output, in write order, for a task with ``stage_outputs``."""
+    worker_pid: int = 0
+    """The worker process that wrote the outputs."""
+    exc_type: str = ""
+    """The failure's exception class (``WorkerDied`` for a dead worker)."""
+    worker_deaths: int = 0
+    """Workers that died holding this scan: each may have left a staged temp behind."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-# ---- what crosses to and from the workers (module level, so it pickles) --------------------------
-@dataclass(frozen=True)
-class _Work:
-    src: Path
-    data: bytes | None
-    out_base: Path
-    profile: Profile
-    profile_name: str
-    source: str
-    model: str
-    max_pixels: int
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    analysis: RGB8
-    size: tuple[int, int]
-    ms: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _Finished:
-    written: tuple[Path, ...]
-    ms: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """Exceptions are returned as values: ScanError's keyword-only arguments do not survive unpickling."""
-
-    message: str
-    stage: str
-    transient: bool
-    crashed: bool
-    ms: dict[str, float]
-
-
-def _failed(exc: BaseException, stage: str, ms: dict[str, float]) -> _Failed:
-    if isinstance(exc, ScanError):
-        return _Failed(str(exc), exc.stage, exc.transient, False, ms)
-    if isinstance(exc, BshmError):
-        return _Failed(str(exc), stage, False, False, ms)
-    return _Failed(f"internal error {type(exc).__name__}: {exc}", stage, False, True, ms)
-
-
-def _init_worker(nice: int) -> None:
-    # One core per worker: OpenCV's own thread pool in every worker would oversubscribe the cores
-    # the pool already fills, and steal them from inference.
-    cv2.setNumThreads(1)
-    # Ctrl-C reaches the whole process group; the main process shuts the pool down in order, and a
-    # traceback from every worker would bury the one line that matters.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if nice:
-        os.nice(nice)
-
-
-def _ping() -> int:
-    return os.getpid()
-
-
-def prepare_stage(work: _Work) -> _Prepared | _Failed:
-    """Worker: read, decode, and the bounded analysis copy the model will see."""
-    t = Timings()
-    try:
-        with t.stage("read"):
-            data = work.data if work.data is not None else read_file(work.src)
-        with t.stage("decode"):
-            decoded = decode_bytes(data, work.src.name, work.max_pixels)
-        with t.stage("analysis"):
-            analysis = analysis_image(bounded_copy(decoded, work.profile.matting.max_side), work.profile)
-    except Exception as exc:  # a decoder bug on one file must come back as that file's failure
-        return _failed(exc, "decode", t.ms)
-    return _Prepared(analysis=analysis, size=decoded.size, ms=t.ms)
-
-
-def finish_stage(work: _Work, alpha: Alpha, size: tuple[int, int], ms: dict[str, float]) -> _Finished | _Failed:
-    """Worker: decode again, bring the matte to full size, write the outputs (sidecar timings included)."""
-    t = Timings(ms=dict(ms))
-    try:
-        with t.stage("redecode"):
-            data = work.data if work.data is not None else read_file(work.src)
-            decoded = decode_bytes(data, work.src.name, work.max_pixels)
-        if decoded.size != size:
-            raise ScanError(f"{work.src.name} changed while it was processed", stage="decode", transient=True)
-        with t.stage("refine"):
-            guide = grey01(bounded_copy(decoded, work.profile.matting.max_side))
-        matte = full_matte(decoded, guide, alpha, work.profile, t)
-        sha = hashlib.sha256(data).hexdigest() if work.profile.outputs.sidecar else None
-        meta = ScanMeta(source=work.source, sha256=sha, model=work.model, profile=work.profile_name)
-        written = write_outputs(OutputPaths.for_base(work.out_base), decoded, matte, work.profile, meta, t)
-    except Exception as exc:
-        return _failed(exc, "write", t.ms)
-    return _Finished(written=tuple(written), ms=t.ms)
-
-
 # ---- the scheduler (main process) -----------------------------------------------------------------
 @dataclass
 class _Item:
     task: ScanTask
-    work: _Work
+    work: Work
     ms: dict[str, float] = field(default_factory=dict)
     stage: str = "prepare"
     """prepare → infer → finish."""
@@ -200,6 +109,8 @@ class _Item:
     size: tuple[int, int] = (0, 0)
     alpha: Alpha | None = None
     strikes: int = 0
+    deaths: int = 0
+    """Workers that died holding this scan (``strikes`` is reset once it gets through)."""
 
 
 class ScanPipeline:
@@ -254,9 +165,10 @@ class ScanPipeline:
     def submit(self, task: ScanTask) -> None:
         while self.inflight >= self.max_inflight:
             self._step(timeout=None)
-        work = _Work(src=task.src, data=task.data, out_base=task.out_base, profile=task.profile,
+        work = Work(src=task.src, data=task.data, out_base=task.out_base, profile=task.profile,
                      profile_name=task.profile_name, source=task.source or task.src.name,
-                     model=self.matter.name, max_pixels=self.max_pixels)
+                     model=self.matter.name, max_pixels=self.max_pixels, stage_outputs=task.stage_outputs,
+                     temp_tag=task.temp_tag)
         self._queued.append(_Item(task=task, work=work))
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         self._dispatch()
@@ -285,7 +197,23 @@ class ScanPipeline:
         """Start every worker now (imports included) rather than on the first scans: for timing, and so a
         daemon pays the start-up before its first scan arrives."""
         pool = self._pool_now()
-        wait([pool.submit(_ping) for _ in range(self.workers)])
+        wait([pool.submit(ping) for _ in range(self.workers)])
+
+    def abort(self) -> list[ScanTask]:
+        """Kill the workers now and forget the scans in flight (returned; results already finished stay
+        for ``poll``): for a stop that cannot wait. A killed worker may leave a staged temp behind."""
+        lost = [it.task for it, _ in self._futures.values()] + [it.task for it in (*self._queued, *self._ready)]
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.kill()
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._futures.clear()
+        self._queued.clear()
+        self._ready.clear()
+        self._suspects = 0
+        self._generation += 1
+        return lost
 
     def close(self) -> None:
         if self._pool is not None:
@@ -302,7 +230,7 @@ class ScanPipeline:
     def _pool_now(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self._ctx,
-                                             initializer=_init_worker, initargs=(self.worker_nice,))
+                                             initializer=init_worker, initargs=(self.worker_nice, os.getpid()))
         return self._pool
 
     def _dispatch(self) -> None:
@@ -339,15 +267,16 @@ class ScanPipeline:
         if item.strikes:
             item.strikes = 0
             self._suspects -= 1
-        out: Any = _failed(exc, item.stage, item.ms) if exc is not None else fut.result()
-        if isinstance(out, _Failed):
+        out: Any = as_failed(exc, item.stage, item.ms) if exc is not None else fut.result()
+        if isinstance(out, Failed):
             self._finish(item, out)
-        elif isinstance(out, _Prepared):
+        elif isinstance(out, Prepared):
             item.analysis, item.size, item.stage = out.analysis, out.size, "infer"
             item.ms.update(out.ms)
             self._ready.append(item)
         else:
-            self._done.append(ScanResult(task=item.task, written=out.written, ms=out.ms))
+            self._done.append(ScanResult(task=item.task, written=out.written, ms=out.ms, staged=out.staged,
+                                         worker_pid=out.pid, worker_deaths=item.deaths))
 
     def _worker_died(self, item: _Item, generation: int) -> None:
         if generation == self._generation and self._pool is not None:
@@ -355,19 +284,22 @@ class ScanPipeline:
             self._pool = None
             self._generation += 1
         item.strikes += 1
+        item.deaths += 1
         if item.strikes == 1:
             self._suspects += 1
         if item.strikes >= MAX_STRIKES:
             self._suspects -= 1
-            self._finish(item, _Failed("a worker process died on this scan (decoder crash or out of memory)",
-                                       item.stage, False, True, item.ms))
+            self._finish(item, Failed("a worker process died on this scan (decoder crash or out of memory)",
+                                       item.stage, False, True, item.ms, exc_type="WorkerDied"))
         else:
             self._queued.appendleft(item)
 
-    def _finish(self, item: _Item, failed: _Failed) -> None:
+    def _finish(self, item: _Item, failed: Failed) -> None:
         ms = {**item.ms, **failed.ms}
         self._done.append(ScanResult(task=item.task, ms=ms, error=failed.message, stage=failed.stage,
-                                     transient=failed.transient, crashed=failed.crashed))
+                                     transient=failed.transient, crashed=failed.crashed,
+                                     disk_full=failed.disk_full, exc_type=failed.exc_type,
+                                     worker_deaths=item.deaths))
 
     def _infer(self) -> None:
         batch = [self._ready.popleft() for _ in range(min(self.batch_size, len(self._ready)))]
@@ -384,9 +316,9 @@ class ScanPipeline:
             shape = item.analysis.shape[:2] if item.analysis is not None else None
             item.analysis = None  # the analysis copy is not needed any more; do not carry it
             if isinstance(alpha, BaseException):
-                self._finish(item, _failed(alpha, "matting", {}))
+                self._finish(item, as_failed(alpha, "matting", {}))
             elif alpha.shape != shape:
-                self._finish(item, _Failed(f"model returned alpha {alpha.shape}, expected {shape}", "matting",
+                self._finish(item, Failed(f"model returned alpha {alpha.shape}, expected {shape}", "matting",
                                            False, True, {}))
             else:
                 item.alpha, item.stage = alpha, "finish"

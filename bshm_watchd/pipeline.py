@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from bshm_watchd.config import OutputsSpec, Profile
 from bshm_watchd.decode import Decoded, decode_bytes, to_8bit
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
 from bshm_watchd.errors import ScanError
-from bshm_watchd.fsutil import atomic_path, write_bytes_atomic
+from bshm_watchd.fsutil import discard_staged, stage_bytes, stage_file, write_bytes_atomic, write_with
 from bshm_watchd.refine import F32, STRIP_ROWS, grey01, guided_coefficients, upsample_matte
 from bshm_watchd.steps import apply_steps
 
@@ -211,12 +211,33 @@ def png_params(compression: int) -> list[int]:
     return params
 
 
-def write_png(path: Path, arr: npt.NDArray[Any], compression: int) -> None:
-    """Durable PNG write: temp beside the final name, fsync, rename, fsync the folder."""
+@dataclass
+class Staged:
+    """Outputs left as fsynced temps beside their final names, ``files`` {final: temp}, for the caller to
+    commit or discard; ``tag`` goes into the temps' names (see :func:`bshm_watchd.fsutil.stage_file`)."""
+
+    tag: str = ""
+    files: dict[Path, Path] = field(default_factory=dict)
+
+    def add(self, final: Path, writer: Callable[[Path], None], suffix: str = "") -> None:
+        self.files[final] = stage_file(final, writer, suffix, tag=self.tag)
+
+
+def write_png(path: Path, arr: npt.NDArray[Any], compression: int, staged: Staged | None = None) -> None:
+    """Durable PNG write: temp beside the final name, fsync, rename, fsync the folder.
+
+    With ``staged``, the fsynced temp is left unrenamed and recorded there.
+    """
+
+    def encode(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), arr, png_params(compression)):
+            raise ScanError(f"cannot encode {path.name}", stage="write")
+
     try:
-        with atomic_path(path, suffix=".png") as tmp:
-            if not cv2.imwrite(str(tmp), arr, png_params(compression)):
-                raise ScanError(f"cannot encode {path.name}", stage="write")
+        if staged is None:
+            write_with(path, encode, suffix=".png")
+        else:
+            staged.add(path, encode, suffix=".png")
     except OSError as exc:
         raise ScanError(f"cannot write {path}: {exc.strerror or exc}", stage="write",
                         transient=True) from exc
@@ -239,19 +260,35 @@ def write_outputs(
     profile: Profile,
     meta: ScanMeta,
     timings: Timings,
+    staged: Staged | None = None,
 ) -> list[Path]:
-    """Write every enabled output durably; the sidecar last, so it lists the final timings."""
+    """Write every enabled output durably; the sidecar last, so it lists the final timings.
+
+    With ``staged``, nothing is renamed: the caller commits or discards the
+    temps (the daemon, after checking the source did not change meanwhile). On failure the temps
+    staged so far are removed.
+    """
+    try:
+        return _write_outputs(paths, decoded, matte, profile, meta, timings, staged)
+    except BaseException:
+        discard_staged(staged.files.values() if staged is not None else ())
+        raise
+
+
+def _write_outputs(paths: OutputPaths, decoded: Decoded, matte: Matte8, profile: Profile, meta: ScanMeta,
+                   timings: Timings, staged: Staged | None) -> list[Path]:
     outs = profile.outputs
     written = []
     with timings.stage("write"):
         if outs.matte:
-            write_png(paths.matte, matte, outs.png_compression)
+            write_png(paths.matte, matte, outs.png_compression, staged)
             written.append(paths.matte)
         if outs.foreground:
-            write_png(paths.fg, render_foreground(decoded, matte, profile), outs.png_compression)
+            write_png(paths.fg, render_foreground(decoded, matte, profile), outs.png_compression, staged)
             written.append(paths.fg)
         if outs.composite is not None:
-            write_png(paths.composite, composite_over(decoded, matte, outs.composite), outs.png_compression)
+            write_png(paths.composite, composite_over(decoded, matte, outs.composite), outs.png_compression,
+                      staged)
             written.append(paths.composite)
     if outs.sidecar:
         side = {
@@ -272,7 +309,11 @@ def write_outputs(
         try:
             # A file name with invalid UTF-8 arrives as surrogates: keep it visible, never fail the scan on it.
             text = json.dumps(side, indent=2, ensure_ascii=False) + "\n"
-            write_bytes_atomic(paths.sidecar, text.encode("utf-8", "backslashreplace"))
+            body = text.encode("utf-8", "backslashreplace")
+            if staged is None:
+                write_bytes_atomic(paths.sidecar, body)
+            else:
+                staged.files[paths.sidecar] = stage_bytes(paths.sidecar, body, tag=staged.tag)
         except OSError as exc:
             raise ScanError(f"cannot write {paths.sidecar}: {exc.strerror or exc}", stage="write",
                             transient=True) from exc

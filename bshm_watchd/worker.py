@@ -1,11 +1,11 @@
-"""Processing one settled scan under the ledger's rules: read once, hash, claim, matte, write, commit, dispose."""
+"""One settled scan under the ledger's rules: read once, hash, claim (``begin``); the pipeline mattes and
+stages the outputs; check the source, commit, dispose (``end``) — both halves in the daemon process."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -20,9 +20,9 @@ from bshm_watchd.disposal import move_file, quarantine
 from bshm_watchd.engine.base import Matter
 from bshm_watchd.errors import ScanError
 from bshm_watchd.failpoints import failpoint
-from bshm_watchd.fsutil import TEMP_PREFIX
+from bshm_watchd.fsutil import TEMP_PREFIX, commit_staged, discard_staged, discard_tagged, out_of_space
 from bshm_watchd.ledger import Hint, Ledger, Row
-from bshm_watchd.pipeline import OutputPaths, ScanMeta, Timings, run_scan, write_outputs
+from bshm_watchd.parallel import ScanResult, ScanTask
 from bshm_watchd.settle import REFUSE_ERRNOS, open_beneath
 
 log = structlog.get_logger(__name__)
@@ -47,6 +47,26 @@ class Outcome:
     """Leave the file alone until it changes (refused, or done but not disposed of): no retry loop."""
     stages: dict[str, float] = field(default_factory=dict)
     """Milliseconds per pipeline stage, for a finished scan."""
+
+
+@dataclass
+class Claimed:
+    """A scan read, hashed and claimed by :meth:`ScanWorker.begin`; ``task`` goes through the pipeline."""
+
+    item: WorkItem
+    rel: Path
+    row_id: int
+    attempts: int
+    sha: str
+    hint: Hint
+    """The stat signature of what was read and hashed: the source must still have it at commit."""
+    base: Path
+    task: ScanTask | None = None
+
+    @property
+    def temp_tag(self) -> str:
+        """In the names of this claim's staged temps (one claim of a row is in flight at a time)."""
+        return f"r{self.row_id}-"
 
 
 def pipeline_key(cfg: Config, watch: WatchSpec, matter_name: str) -> str:
@@ -91,29 +111,6 @@ def output_base(watch: WatchSpec, rel: Path, *, taken: Callable[[Path], bool] = 
     return base
 
 
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def out_of_space(exc: BaseException, folder: Path, need: int) -> bool:
-    """Did a write into ``folder`` fail because its filesystem is full (or over quota)?
-
-    An OSError in the chain says so by its errno. cv2.imwrite says nothing: on ENOSPC libpng reports
-    "Write Error", OpenCV removes the file and returns False (a "cannot encode" ScanError); then the free
-    space decides — fewer than ``need`` bytes left (the outputs' uncompressed size) means the disk.
-    """
-    seen: BaseException | None = exc
-    for _ in range(8):  # a bounded walk down the chain: no loop on an odd, cyclic one
-        if seen is None:
-            break
-        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    try:
-        return shutil.disk_usage(folder).free < need
-    except OSError:
-        return False
-
-
 def outputs_present(paths: list[str]) -> bool:
     return bool(paths) and all(os.path.isfile(p) for p in paths)
 
@@ -136,7 +133,11 @@ def read_stable(root: Path, path: Path, expected: Hint) -> tuple[bytes, Hint] | 
 
 
 class ScanWorker:
-    """Holds what one scan needs; ``handle`` never raises for a bad scan."""
+    """The daemon's half of a scan, around the pipeline: ``begin`` and ``end`` never raise for a bad scan.
+
+    ``hook(stage, item)`` is called at ``start``, ``claimed`` and ``staged`` (the result is back, the
+    outputs are temps, the source is not re-checked yet): a seam for tests.
+    """
 
     def __init__(self, cfg: Config, matter: Matter, ledger: Ledger,
                  hook: Callable[[str, WorkItem], None] | None = None) -> None:
@@ -148,6 +149,9 @@ class ScanWorker:
         # one per file, and serialising + hashing the profile each time is wasted work on big inboxes.
         self._keys: dict[str, str] = {}
         self._keys_cfg: Config | None = None
+        self._bases: dict[tuple[str, Path], str] = {}
+        """Output bases of the scans in flight (watch, base) → rel: the ledger knows only finished ones,
+        and ``a.jpg`` and ``a.png`` in flight together must not both write ``a_fg.png``."""
 
     def _key(self, watch: WatchSpec) -> str:
         if self._keys_cfg is not self.cfg:  # a reload swaps cfg: start over
@@ -169,11 +173,12 @@ class ScanWorker:
         row = self.ledger.latest(watch.name, rel, self._key(watch))
         return row is not None and row.state == "done" and row.hint == hint and outputs_present(row.outputs)
 
-    def handle(self, item: WorkItem) -> Outcome:
+    def begin(self, item: WorkItem) -> Outcome | Claimed:
+        """Read, hash, skip what is done, claim, name the outputs: the scan to hand to the pipeline, or
+        the outcome already (gone, changed, skipped, refused, an output path that escapes)."""
         watch, path = item.watch, item.path
         rel = path.relative_to(watch.input)
         jlog = log.bind(watch=watch.name, rel=str(rel))
-        timings = Timings()
         self.hook("start", item)
         try:
             got = read_stable(watch.input, path, item.hint)
@@ -206,50 +211,95 @@ class ScanWorker:
             return Outcome("skipped", "claimed elsewhere")
         failpoint("claimed")
         self.hook("claimed", item)
-        profile = self.cfg.profile(watch.profile)
-        need = 0
         try:
-            decoded, matte, timings = run_scan(data, path.name, self.matter, profile,
-                                               max_pixels=self.cfg.max_pixels, timings=timings)
-            need = 3 * decoded.rgb.nbytes  # ≥ cut-out + matte + composite, uncompressed
-            failpoint("matted")
-            # The source must still be what we hashed: an append after our read means a newer scan.
-            try:
-                now = Hint.of(os.lstat(path))
-            except FileNotFoundError:
-                now = None
-            if now != hint:
-                self.ledger.release(row.id, "source changed while processing", "verify")
-                jlog.info("scan_changed_during_processing")
-                return Outcome("changed")
-            base = output_base(watch, rel, taken=lambda b: self.ledger.base_taken(watch.name, str(b), str(rel)))
-            paths = OutputPaths.for_base(base)
-            meta = ScanMeta(source=str(rel), sha256=sha, model=self.matter.name, profile=watch.profile)
-            written = write_outputs(paths, decoded, matte, profile, meta, timings)
-            failpoint("outputs_written")
+            base = output_base(watch, rel, taken=lambda b: self._base_taken(watch.name, b, str(rel)))
         except ScanError as exc:
-            if exc.stage == "write" and out_of_space(exc, watch.output, need):
-                # A full output disk is the site's fault, not the scan's: give the claim back and retry
-                # after the back-off for as long as it lasts, without counting an attempt. Counted (or, with
-                # cv2's bare False, taken for a bad image) it quarantined good scans (battery 27).
-                self.ledger.release(row.id, f"output disk full: {exc}", exc.stage, counts=False)
-                jlog.error("scan_paused_disk_full", reason=str(exc), output=str(watch.output))
-                return Outcome("retry", f"output disk full: {exc}")
             return self._failed(item, rel, row.id, row.attempts, sha, exc, jlog)
-        except MemoryError as exc:
-            return self._failed(item, rel, row.id, row.attempts, sha,
-                                ScanError(f"out of memory: {exc}", stage="matting", transient=True), jlog)
-        except Exception as exc:  # a bug on one scan must not stop the service; quarantine with the reason
-            jlog.exception("scan_crashed")
-            err = ScanError(f"internal error {type(exc).__name__}: {exc}", stage="unknown")
-            return self._failed(item, rel, row.id, row.attempts, sha, err, jlog, exc_type=type(exc).__name__)
-        self.ledger.done(row.id, [str(p) for p in written], base=str(base))
+        self._bases[(watch.name, base)] = str(rel)
+        job = Claimed(item=item, rel=rel, row_id=row.id, attempts=row.attempts, sha=sha, hint=hint, base=base)
+        job.task = ScanTask(src=path, out_base=base, profile=self.cfg.profile(watch.profile),
+                            profile_name=watch.profile, source=str(rel), data=data, tag=job, stage_outputs=True,
+                            temp_tag=job.temp_tag)
+        return job
+
+    def end(self, job: Claimed, result: ScanResult) -> Outcome:
+        """Judge the pipeline's result in this process: a failure's verdict, or — the source unchanged —
+        the staged outputs renamed into place, the ledger row done, the source disposed of.
+
+        Whatever happens, no staged temp outlives this call except by a crash (then the restart sweeps it).
+        """
+        left = [tmp for _, tmp in result.staged]
+        if result.worker_deaths:
+            # A worker that died holding this scan told nobody its temps' names; the tag finds them.
+            discard_tagged(job.base.parent, job.temp_tag, keep=left)
+        try:
+            return self._end(job, result, left)
+        finally:
+            discard_staged(left)
+            self.forget(job)
+
+    def forget(self, job: Claimed) -> None:
+        """The scan is out of flight (ended or abandoned): its output base is free to others again."""
+        self._bases.pop((job.item.watch.name, job.base), None)
+
+    def _base_taken(self, watch: str, base: Path, rel: str) -> bool:
+        other = self._bases.get((watch, base))
+        return (other is not None and other != rel) or self.ledger.base_taken(watch, str(base), rel)
+
+    def _end(self, job: Claimed, result: ScanResult, left: list[Path]) -> Outcome:
+        item, rel, watch = job.item, job.rel, job.item.watch
+        jlog = log.bind(watch=watch.name, rel=str(rel))
+        if not result.ok:
+            exc = ScanError(result.error or "failed", stage=result.stage or "unknown", transient=result.transient)
+            if result.disk_full:
+                return self._disk_full(job, exc, jlog)
+            if result.crashed:
+                jlog.error("scan_crashed", stage=exc.stage, reason=str(exc))
+            return self._failed(item, rel, job.row_id, job.attempts, job.sha, exc, jlog,
+                                exc_type=result.exc_type or None)
+        failpoint("matted")
+        self.hook("staged", item)
+        # The source must still be what we hashed: an append after our read means a newer scan.
+        try:
+            now = Hint.of(os.lstat(item.path))
+        except FileNotFoundError:
+            now = None
+        if now != job.hint:
+            discard_staged(left)  # before the release: a crash in between leaves no temp without a claim
+            left.clear()
+            self.ledger.release(job.row_id, "source changed while processing", "verify")
+            jlog.info("scan_changed_during_processing")
+            return Outcome("changed")
+        t0 = time.perf_counter()
+        for final, tmp in result.staged:
+            try:
+                commit_staged(tmp, final)
+            except OSError as err:
+                discard_staged(left)
+                left.clear()
+                exc = ScanError(f"cannot write {final}: {err.strerror or err}", stage="write", transient=True)
+                exc.__cause__ = err
+                if out_of_space(exc, watch.output, 0):
+                    return self._disk_full(job, exc, jlog)
+                return self._failed(item, rel, job.row_id, job.attempts, job.sha, exc, jlog)
+            left.remove(tmp)
+        failpoint("outputs_written")
+        self.ledger.done(job.row_id, [str(p) for p in result.written], base=str(job.base))
         failpoint("committed")
-        total = sum(timings.ms.values())
-        jlog.info("scan_done", ms=timings.rounded(), total_ms=round(total, 1), sha256=sha[:16],
-                  size=list(decoded.size), bit_depth=decoded.bit_depth)
-        disposed = self._dispose(watch, path, rel, hint, jlog)
-        return Outcome("done", ms=total, hold=not disposed, stages=timings.rounded())
+        stages = {k: round(v, 1) for k, v in {**result.ms, "commit": (time.perf_counter() - t0) * 1000}.items()}
+        total = sum(result.ms.values())
+        jlog.info("scan_done", ms=stages, total_ms=round(total, 1), sha256=job.sha[:16],
+                  worker_pid=result.worker_pid)
+        disposed = self._dispose(watch, item.path, rel, job.hint, jlog)
+        return Outcome("done", ms=total, hold=not disposed, stages=stages)
+
+    def _disk_full(self, job: Claimed, exc: ScanError, jlog: structlog.typing.FilteringBoundLogger) -> Outcome:
+        # A full output disk is the site's fault, not the scan's: give the claim back and retry after the
+        # back-off for as long as it lasts, without counting an attempt. Counted (or, with cv2's bare
+        # False, taken for a bad image) it quarantined good scans (battery 27).
+        self.ledger.release(job.row_id, f"output disk full: {exc}", exc.stage, counts=False)
+        jlog.error("scan_paused_disk_full", reason=str(exc), output=str(job.item.watch.output))
+        return Outcome("retry", f"output disk full: {exc}")
 
     def _failed(self, item: WorkItem, rel: Path, row_id: int, attempts: int, sha: str, exc: ScanError,
                 jlog: structlog.typing.FilteringBoundLogger, exc_type: str | None = None) -> Outcome:
@@ -327,18 +377,23 @@ def remove_crash_temps(cfg: Config, stale: list[Row]) -> None:
     specs = {w.name: w for w in cfg.watch}
     for row in stale:
         spec = specs.get(row.watch)
-        if spec is None:
-            continue
+        if spec is not None:
+            remove_temps_since(spec, Path(row.rel), row.updated_at)
+
+
+def remove_temps_since(spec: WatchSpec, rel: Path, since: float) -> None:
+    """Remove our temps in the output folder of ``rel`` written since ``since`` (ledger time, less a
+    second for coarse mtimes): that scan's staged or half-written outputs, when it was claimed then."""
+    try:
+        folder = output_base(spec, rel).parent
+        names = os.listdir(folder)
+    except (OSError, ScanError):
+        return
+    for name in names:
+        p = folder / name
         try:
-            folder = output_base(spec, Path(row.rel)).parent
-            names = os.listdir(folder)
-        except (OSError, ScanError):
+            if name.startswith(TEMP_PREFIX) and p.lstat().st_mtime >= since - 1.0:
+                p.unlink()
+                log.info("crash_temp_removed", path=str(p), rel=str(rel))
+        except OSError:
             continue
-        for name in names:
-            p = folder / name
-            try:
-                if name.startswith(TEMP_PREFIX) and p.lstat().st_mtime >= row.updated_at - 1.0:
-                    p.unlink()
-                    log.info("crash_temp_removed", path=str(p), rel=row.rel)
-            except OSError:
-                continue

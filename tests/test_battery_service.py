@@ -17,6 +17,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, MutableMapping
@@ -109,9 +110,12 @@ class Attempt:
     errors: list[str | None] = field(default_factory=list)
 
 
-def attempt_recorder(lay: Layout, rel: str, data: bytes) -> tuple[list[Attempt], Callable[[str, WorkItem], None]]:
+def attempt_recorder(lay: Layout, rel: str, data: bytes, *, hold_from: int = 0,
+                     gate: threading.Event | None = None) -> tuple[list[Attempt], Callable[[str, WorkItem], None]]:
     """A worker hook that snapshots the trees at each attempt's start: the previous attempt is over
-    by then (cleaned up or not) and the next has written nothing yet."""
+    by then (cleaned up or not) and the next has written nothing yet. Attempt ``hold_from`` (1-based)
+    and later wait for ``gate`` after their snapshot: the test changes the disk between two attempts,
+    never under one in progress."""
     seen: list[Attempt] = []
 
     def hook(stage: str, item: WorkItem) -> None:
@@ -122,6 +126,8 @@ def attempt_recorder(lay: Layout, rel: str, data: bytes) -> tuple[list[Attempt],
                             source_intact=src.exists() and src.read_bytes() == data, done=done_rels(lay),
                             quarantined=quarantined(lay),
                             errors=[r["error"] for r in ledger_rows(lay) if r["rel"] == rel]))
+        if gate is not None and hold_from and len(seen) >= hold_from:
+            gate.wait(30)
 
     return seen, hook
 
@@ -220,12 +226,16 @@ class TestDiskFull:
                 fh.write(b"\xa5" * max(0, shutil.disk_usage(out).free - 8192))
             ex = Expect()
             ex.add("a.jpg", image_bytes(271))
-            seen, hook = attempt_recorder(lay, "a.jpg", ex.originals["a.jpg"])
+            # The fifth attempt waits until the space is back: freed under the fourth, libpng's bare
+            # error would meet a disk with room and be taken for a bad image.
+            space_back = threading.Event()
+            seen, hook = attempt_recorder(lay, "a.jpg", ex.originals["a.jpg"], hold_from=5, gate=space_back)
             with running(lay, hook=hook, backoff=self.BACKOFF):
                 (lay.inbox / "a.jpg").write_bytes(ex.originals["a.jpg"])
-                wait_for(lambda: len(seen) >= 4 or quarantined(lay), 30, "four attempts on a full disk")
+                wait_for(lambda: len(seen) >= 5 or quarantined(lay), 30, "four attempts on a full disk")
                 assert quarantined(lay) == set(), "a full disk quarantined a good scan"
                 filler.unlink()
+                space_back.set()
                 wait_for(lambda: "a.jpg" in done_rels(lay) or quarantined(lay), 20, "a.jpg done once space is back")
             check_failed_attempts(seen[:4], self.BACKOFF, "a.jpg")
             assert_oracle(lay, ex)

@@ -44,8 +44,10 @@ from bshm_watchd.failpoints import COUNT_DIR_ENV, ENV
 from bshm_watchd.fsutil import TEMP_PREFIX
 
 POINTS = ["claimed", "matted", "temp_written", "fsynced", "renamed", "outputs_written", "committed", "disposed"]
-TEMP_POINTS = {"temp_written", "fsynced"}
-"""Kills that leave a temp file behind (the restart removes it: it belongs to a dead run's claim)."""
+TEMP_POINTS = {"temp_written", "fsynced", "renamed"}
+"""Kills that always leave a temp file behind: the scan's outputs are staged by a pipeline worker and the
+daemon dies before it renamed the last. At the other points, scans still in flight may have staged
+temps too (the pipeline overlaps them). The restart removes every one: each belongs to a dead run's claim."""
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +84,7 @@ class TestFailpoints:
         assert first.wait_exit(60) == -signal.SIGKILL
         no_partial_outputs(lay)
         temps = [p for p in files_under(lay.out) if p.name.startswith(TEMP_PREFIX)]
-        assert bool(temps) == (point in TEMP_POINTS)
+        assert temps or point not in TEMP_POINTS
         if point == "temp_written":  # battery 40: private while it is a temp file
             assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in temps)
         again = DaemonProcess(lay, tag="again").start()
@@ -92,7 +94,7 @@ class TestFailpoints:
             assert again.terminate(30) == 0
         if point not in ("committed", "disposed"):
             assert again.has_event("stale_claims_redone")
-        assert again.has_event("crash_temp_removed") == (point in TEMP_POINTS)
+        assert again.has_event("crash_temp_removed") == bool(temps)
         assert_oracle(lay, ex)
 
 
