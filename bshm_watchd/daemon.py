@@ -127,7 +127,7 @@ class Daemon:
             from bshm_watchd.modelstore import ModelStore, default_model_dir
 
             self._matter = build_matter(cfg.model, ModelStore(cfg.model_dir or default_model_dir()),
-                                        device=cfg.device)
+                                        device=cfg.device, cpu_runtime=cfg.cpu_runtime)
         self.worker = ScanWorker(cfg, self._matter, self.ledger, self.hook)
         # Rescans read through their own connection (WAL readers never wait for the writer), so the
         # main loop — and with it the watchdog — never blocks behind a scan in progress.

@@ -2,8 +2,9 @@
 
 Points: ``claimed``, ``matted``, ``temp_written``, ``fsynced``, ``renamed`` (the last three once per
 durable file written: each output, an ``.error.json``), ``outputs_written``, ``committed``,
-``disposed``. Several may be given, comma-separated; ``name@N`` fires on the N-th pass (1-based) so
-a test can let a few scans finish first. Unset in production: one getenv per point.
+``disposed`` fire in the daemon; ``staged`` fires in a pipeline worker after it staged an output
+(it kills that worker, not the daemon). Several may be given, comma-separated; ``name@N`` fires on
+the N-th pass (1-based) so a test can let a few scans finish first. Unset in production: one getenv per point.
 """
 
 from __future__ import annotations
