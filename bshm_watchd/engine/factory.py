@@ -84,7 +84,10 @@ def _isnet(store: ModelStore, device: str, threads: int | None, cpu_runtime: str
                 import torch
 
                 torch.set_num_threads(threads)
+            log.info("isnet_runtime", runtime="torch", device="cpu", precision="bf16" if bf16 else "fp32")
             return TorchIsnetMatter(path, device="cpu", bf16=bf16, batch_size=1)
     from bshm_watchd.engine.onnx_isnet import OnnxIsnetMatter
+
+    log.info("isnet_runtime", runtime="onnxruntime", device=device, precision="fp32")
 
     return OnnxIsnetMatter(path, threads=threads, device=device)
