@@ -79,6 +79,7 @@ def _isnet(store: ModelStore, device: str, threads: int | None, cpu_runtime: str
             log.warning("torch_unavailable_using_onnxruntime", device=device)
         else:
             if on_cuda:
+                log.info("isnet_runtime", runtime="torch", device=device, precision="fp16")
                 return TorchIsnetMatter(path, device=device)
             if threads:
                 import torch
