@@ -417,15 +417,16 @@ class TestAblation:
         sem, fine = Flat(), Flat()
         fused = FusionMatter(sem, fine, FusionParams())
         variants = dict(ablations(fused))
-        assert list(variants) == ["fusion no mounts", "fusion no strokes", "fusion no stretch", "fusion no fill",
-                                  "fusion no cut", "fusion no gate", "fusion no band refine", "fusion pick only"]
+        assert list(variants) == ["fusion no mounts", "fusion no strokes", "fusion no stretch", "fusion no tiles",
+                                  "fusion no fill", "fusion no cut", "fusion no gate", "fusion no band refine",
+                                  "fusion pick only"]
         for v in variants.values():
             assert isinstance(v, FusionMatter) and v.semantic is sem and v.fine is fine
         assert not variants["fusion no mounts"].params.mounts and variants["fusion no mounts"].params.fill
         assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
         pick = variants["fusion pick only"]
-        assert not (pick.params.mounts or pick.params.strokes or pick.params.stretch or pick.params.fill
-                    or pick.params.cut or pick.params.gate or pick.refine)
+        assert not (pick.params.mounts or pick.params.strokes or pick.params.stretch or pick.params.tiles
+                    or pick.params.fill or pick.params.cut or pick.params.gate or pick.refine)
         with pytest.raises(TypeError, match="fusion"):
             ablations(Flat())  # type: ignore[arg-type]
 

@@ -119,7 +119,8 @@ class TestFusionWithMount:
         """With mounts on, both models see the oval's box and the card gets alpha 0; off, the whole scan."""
         img, truth = _mounted("oval")
         sem, fine = _Recorder("selfie"), _Recorder("isnet")
-        alpha = FusionMatter(sem, fine, FusionParams(mounts=mounts, stretch=False), refine=False).predict(img)
+        params = FusionParams(mounts=mounts, stretch=False, tiles=False)
+        alpha = FusionMatter(sem, fine, params, refine=False).predict(img)
         assert alpha.shape == img.shape[:2]
         mount = find_mount(img)
         assert isinstance(mount, Mount)
@@ -167,7 +168,7 @@ class TestWindowInMatte:
         rgb = _print(600, 450, 0)
         assert find_mount(rgb) is None
         sem, fine = _Recorder("selfie"), _WindowTaker("isnet")
-        alpha = FusionMatter(sem, fine, FusionParams(stretch=False), refine=False).predict(rgb)
+        alpha = FusionMatter(sem, fine, FusionParams(stretch=False, tiles=False), refine=False).predict(rgb)
         assert len(fine.seen) == 2 and fine.seen[0] == rgb.shape and fine.seen[1][0] < 600
         assert sem.seen[1] == fine.seen[1]
         assert alpha[5, 5] == 0.0 and alpha.shape == rgb.shape[:2]

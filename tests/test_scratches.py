@@ -81,11 +81,12 @@ class TestFusionStrokes:
         rgb = np.full((512, 384, 3), 90, np.uint8)
         rgb[_strokes() > 0.5] = 250
         on = _LineTaker()
-        alpha = FusionMatter(_Half(), on, FusionParams(mounts=False, stretch=False), refine=False).predict(rgb)
+        params = FusionParams(mounts=False, stretch=False, tiles=False)
+        alpha = FusionMatter(_Half(), on, params, refine=False).predict(rgb)
         assert on.calls == 2
         assert alpha[450, 192] > 0.9
         off = _LineTaker()
-        params = FusionParams(mounts=False, strokes=False, stretch=False)
+        params = FusionParams(mounts=False, strokes=False, stretch=False, tiles=False)
         lines = FusionMatter(_Half(), off, params, refine=False).predict(rgb)
         assert off.calls == 1 and lines[450, 192] < 0.5
 
@@ -114,9 +115,10 @@ class TestFusionStretch:
         rgb = np.full((512, 384, 3), 100, np.uint8)
         rgb[300:, 100:280] = 160
         fine = _FadedOnlyInStretch()
-        alpha = FusionMatter(_Half(), fine, FusionParams(mounts=False), refine=False).predict(rgb)
+        alpha = FusionMatter(_Half(), fine, FusionParams(mounts=False, tiles=False), refine=False).predict(rgb)
         assert sorted(fine.seen) == [60, 255]
         assert alpha[450, 192] > 0.9 and alpha[20, 20] < 0.1
         plain = _FadedOnlyInStretch()
-        flat = FusionMatter(_Half(), plain, FusionParams(mounts=False, stretch=False), refine=False).predict(rgb)
+        params = FusionParams(mounts=False, stretch=False, tiles=False)
+        flat = FusionMatter(_Half(), plain, params, refine=False).predict(rgb)
         assert plain.seen == [60] and flat[450, 192] < 0.9

@@ -19,6 +19,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    and both models run again (``scratches``).
 8. every model call is made twice, on the view and on an autocontrast copy (faded prints stretched to
    full range), and the more confident answer is that model's voice.
+9. on a long scan the semantic model also sees square tiles; their merged answer replaces its own
+   where it is more trusted and agrees with isnet at least as well (``tiles``).
 
 Step 5 lives here, not in the generic finishing stage: it is what turns two segmenters into a
 matte, and it costs CPU (0.13 s a scan on average) that the single-model paths need not pay.
@@ -34,6 +36,7 @@ import numpy as np
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
 from bshm_watchd.engine.mount import find_mount, window_in_matte, window_shape
 from bshm_watchd.engine.scratches import without_strokes
+from bshm_watchd.engine.tiles import tiled_predictions
 from bshm_watchd.refine import disc, refine_band
 from bshm_watchd.steps import autocontrast
 
@@ -54,6 +57,8 @@ class FusionParams:
     """Look for a card mount first (see ``mount``)."""
     stretch: bool = True
     """Each model also sees an autocontrast copy; its more confident answer is its voice."""
+    tiles: bool = True
+    """The semantic model also on square tiles of a long scan (see ``tiles``)."""
     strokes: bool = True
     """Matte again without the scratches when isnet's matte is made of them (see ``scratches``)."""
     fill: bool = True
@@ -78,6 +83,12 @@ def _trust(alpha: Alpha) -> float:
     """Confidence, except that a matte which is a window's ellipse is no person: a stretched copy of a
     painted-out oval view showed isnet the rim again, and it matted the oval with confidence 0.97."""
     return 0.0 if window_shape(alpha) is not None else confidence(alpha)
+
+
+def _overlap(a: Alpha, b: Alpha) -> float:
+    """IoU of the two mattes' α > 0.5 masks."""
+    ma, mb = a > 0.5, b > 0.5
+    return float((ma & mb).sum() / max(1, int((ma | mb).sum())))
 
 
 def _largest_components(alpha: Alpha, params: FusionParams) -> Alpha:
@@ -128,16 +139,22 @@ class FusionMatter:
         self.batch_size = int(getattr(fine, "batch_size", 1))
 
     def _voices(self, views: list[RGB8]) -> tuple[list[Alpha], list[Alpha]]:
-        """Each model's answer per view; with ``stretch``, the more confident of the view and its
-        autocontrast copy (one batch of both, so a GPU sees them together)."""
+        """Each model's answer per view; with ``stretch``, the more trusted of the view and its
+        autocontrast copy (one batch of both, so a GPU sees them together); with ``tiles``, the
+        semantic model's answer on square tiles where it is more trusted and agrees with isnet as well."""
+        both = views + [autocontrast(v) for v in views] if self.params.stretch else list(views)
+        sem = self.semantic.predict_batch(both)
+        fine = self.fine.predict_batch(both)
+        if self.params.tiles:
+            for k, tiled in enumerate(tiled_predictions(self.semantic, both)):
+                if tiled is not None and _trust(tiled) > _trust(sem[k]) and \
+                        _overlap(tiled, fine[k]) >= _overlap(sem[k], fine[k]):
+                    sem[k] = tiled
         if not self.params.stretch:
-            return self.semantic.predict_batch(views), self.fine.predict_batch(views)
-        both = views + [autocontrast(v) for v in views]
+            return sem, fine
         n = len(views)
-        voices = []
-        for matter in (self.semantic, self.fine):
-            out = matter.predict_batch(both)
-            voices.append([a if _trust(a) >= _trust(b) else b for a, b in zip(out[:n], out[n:], strict=True)])
+        voices = [[a if _trust(a) >= _trust(b) else b for a, b in zip(out[:n], out[n:], strict=True)]
+                  for out in (sem, fine)]
         return voices[0], voices[1]
 
     def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8) -> Alpha:
