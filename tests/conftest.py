@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -38,3 +39,10 @@ def _reset_structlog() -> Iterator[None]:
     test); without a reset, the next test's log call writes to a closed file and fails."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Structured events from every thread of an in-process daemon."""
+    with structlog.testing.capture_logs() as cap:
+        yield cap

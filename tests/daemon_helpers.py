@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,3 +392,8 @@ class NotifySocket:
         self._stop.set()
         self._thread.join(2)
         self.sock.close()
+
+
+def events(logs: list[MutableMapping[str, Any]], name: str, **match: Any) -> list[MutableMapping[str, Any]]:
+    """The captured events called ``name`` whose fields equal ``match`` (a snapshot: other threads log on)."""
+    return [e for e in list(logs) if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import structlog
 import yaml
 from daemon_helpers import (
     REPO,
@@ -38,6 +37,7 @@ from daemon_helpers import (
     NotifySocket,
     assert_oracle,
     done_rels,
+    events,
     files_under,
     image_bytes,
     ledger_rows,
@@ -50,22 +50,12 @@ from daemon_helpers import (
 from PIL import Image
 
 from bshm_watchd.errors import ScanError
-from bshm_watchd.fsutil import TEMP_PREFIX
+from bshm_watchd.fsutil import TEMP_PREFIX, out_of_space
 from bshm_watchd.sdnotify import Notifier
-from bshm_watchd.worker import WorkItem, out_of_space
+from bshm_watchd.worker import WorkItem
 
 IS_ROOT = os.geteuid() == 0
 
-
-@pytest.fixture
-def logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Structured events from every thread of an in-process daemon."""
-    with structlog.testing.capture_logs() as cap:
-        yield cap
-
-
-def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
-    return [e for e in list(logs) if e.get("event") == name]
 
 
 def set_top(lay: Layout, **top: Any) -> None:

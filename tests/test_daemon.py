@@ -13,19 +13,19 @@ import shutil
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import numpy.typing as npt
 import pytest
-import structlog
 from daemon_helpers import (
     Expect,
     FakeMatter,
     Layout,
     assert_oracle,
     done_rels,
+    events,
     files_under,
     image_bytes,
     ledger_rows,
@@ -46,16 +46,6 @@ from bshm_watchd.worker import WorkItem, output_base, pipeline_key
 
 MODES = ["inotify", "poll"]
 
-
-@pytest.fixture
-def logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Structured events from every thread of an in-process daemon."""
-    with structlog.testing.capture_logs() as cap:
-        yield cap
-
-
-def events(logs: list[MutableMapping[str, Any]], name: str, **match: Any) -> list[MutableMapping[str, Any]]:
-    return [e for e in logs if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]
 
 
 def rows_for(lay: Layout, rel: str) -> list[dict[str, Any]]:

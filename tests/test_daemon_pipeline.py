@@ -10,7 +10,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,13 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
-import structlog
 from daemon_helpers import (
     DaemonProcess,
     Expect,
     FakeMatter,
     assert_oracle,
     done_rels,
+    events,
     files_under,
     image_bytes,
     ledger_rows,
@@ -41,17 +41,6 @@ from bshm_watchd.failpoints import COUNT_DIR_ENV, ENV
 from bshm_watchd.fsutil import TEMP_PREFIX, stage_bytes
 from bshm_watchd.parallel import ScanPipeline
 from bshm_watchd.worker import WorkItem
-
-
-@pytest.fixture
-def logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Structured events from every thread of an in-process daemon."""
-    with structlog.testing.capture_logs() as cap:
-        yield cap
-
-
-def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
-    return [e for e in list(logs) if e.get("event") == name]
 
 
 def temps_under(folder: Path) -> list[Path]:

@@ -113,23 +113,18 @@ def rim_points(card: Mask) -> npt.NDArray[np.float32]:
     xs = np.clip(np.round(cx + dx[:, None] * t), 0, w - 1).astype(np.intp)
     ys = np.clip(np.round(cy + dy[:, None] * t), 0, h - 1).astype(np.intp)
     on_card = card[ys, xs]
-    side = max(h, w)
-    points: list[tuple[float, float]] = []
-    for i in range(RAYS):
-        n = int(reach[i])
-        ray = on_card[i, : n + 1]
-        if not ray[-1]:
-            continue
-        j, gap = n, 0
-        while j > 0:
-            gap = 0 if ray[j] else gap + 1
-            if gap >= GAP:
-                break
-            j -= 1
-        r = j + gap - 1  # the outermost pixel of the first long non-card run
-        if r < 0.2 * reach[i] or n - r < 0.005 * side:
-            continue  # the card reaches almost to the centre, or there is no card band at all here
-        points.append((cx + dx[i] * r, cy + dy[i] * r))
+    n = reach.astype(np.intp)
+    inside = (t[None, :] >= 1) & (t[None, :] <= n[:, None])
+    # A run of GAP non-card pixels ending at k: the outermost such k on each ray is where the card ends.
+    run = np.cumsum(~on_card & inside, axis=1)
+    run[:, GAP:] -= run[:, :-GAP].copy()
+    ends = (run >= GAP) & inside
+    has_run = ends.any(axis=1)
+    r = np.where(has_run, ends.shape[1] - 1 - np.argmax(ends[:, ::-1], axis=1), 0)
+    starts_on_card = on_card[np.arange(RAYS), n]
+    # Skipped: rays not starting on card, the card reaching almost to the centre, no card band at all.
+    keep = starts_on_card & has_run & (r >= 0.2 * reach) & (n - r >= 0.005 * max(h, w))
+    points = np.stack([cx + dx[keep] * r[keep], cy + dy[keep] * r[keep]], axis=1)
     return np.asarray(points, np.float32).reshape(-1, 2)
 
 
