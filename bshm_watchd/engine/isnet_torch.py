@@ -274,7 +274,7 @@ class TorchIsnetMatter:
             raise ConfigError("fp16 needs a CUDA device")
         # bf16 autocast on a CPU with AMX / AVX512-BF16: 0.50 s a 1024² pass on 2 cores against 1.38 s
         # for onnxruntime fp32 (channels-last is what lets oneDNN pick its bf16 kernels). Without
-        # native bf16 the same mode is emulated and slower than fp32: the factory decides.
+        # native bf16 it would be emulated (not measured): the factory only asks for it where native.
         self.bf16 = bf16
         channels_last = channels_last or bf16
         if not Path(onnx_path).is_file():
