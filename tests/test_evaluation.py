@@ -418,7 +418,8 @@ class TestAblation:
         fused = FusionMatter(sem, fine, FusionParams())
         variants = dict(ablations(fused))
         assert list(variants) == ["fusion no mounts", "fusion no strokes", "fusion no stretch", "fusion no tiles",
-                                  "fusion no fill", "fusion no cut", "fusion no gate", "fusion no band refine",
+                                  "fusion no fill", "fusion no cut", "fusion no gate", "fusion no extend",
+                                  "fusion no band refine",
                                   "fusion pick only"]
         for v in variants.values():
             assert isinstance(v, FusionMatter) and v.semantic is sem and v.fine is fine
@@ -426,7 +427,8 @@ class TestAblation:
         assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
         pick = variants["fusion pick only"]
         assert not (pick.params.mounts or pick.params.strokes or pick.params.stretch or pick.params.tiles
-                    or pick.params.fill or pick.params.cut or pick.params.gate or pick.refine)
+                    or pick.params.fill or pick.params.cut or pick.params.gate or pick.params.extend
+                    or pick.refine)
         with pytest.raises(TypeError, match="fusion"):
             ablations(Flat())  # type: ignore[arg-type]
 
@@ -453,3 +455,29 @@ class TestFusionParts:
         assert fuse(sem, fine, off(gate=False, cut=False))[180, 20] == pytest.approx(0.3)
         assert fuse(sem, fine, on)[6, 6] == 1.0
         assert fuse(sem, fine, FusionParams())[6, 6] < 0.05
+
+    def test_extend_adds_what_the_semantic_mask_is_sure_of_next_to_the_matte(self) -> None:
+        """isnet (the base) has the head but not the dark torso below it; selfie is sure of both, and of a
+        blob far off on the backdrop. The torso is added with selfie's α, the far blob is not."""
+        from bshm_watchd.engine.fusion import FusionParams, confidence, fuse
+
+        h = w = 200
+        fine = np.zeros((h, w), np.float32)
+        fine[20:90, 70:130] = 1.0  # head
+        fine[60:70, 55:70] = 0.4  # an unsure patch the semantic mask is sure of, beside the head
+        sem = np.zeros((h, w), np.float32)
+        sem[20:90, 75:125] = 0.95
+        sem[90:200, 40:160] = 0.97  # torso down to the bottom edge
+        sem[85:90, 40:160] = 0.6
+        sem[90:200, 140:160] = 0.6  # an unsure side: selfie is the less confident mask
+        sem[10:30, 5:25] = 0.99  # a sure blob far from the person
+        sem[60:70, 55:70] = 0.93
+        assert confidence(fine) > confidence(sem)  # isnet is the base
+        on, off = FusionParams(gate=False), FusionParams(gate=False, extend=False)
+        with_extend, without = fuse(sem, fine, on), fuse(sem, fine, off)
+        assert without[150, 100] == 0.0
+        assert with_extend[150, 100] == pytest.approx(0.97)
+        assert with_extend[20, 15] == 0.0  # not next to the person
+        assert with_extend[65, 62] == pytest.approx(0.93)  # raised to selfie's α ...
+        assert (with_extend >= without).all()  # ... and nothing lowered
+        assert with_extend[50, 100] == 1.0

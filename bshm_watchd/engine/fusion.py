@@ -10,7 +10,9 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
 3. where both agree on "background" (eroded), alpha is 0 — when the other mask is itself
    confident enough to have a say;
 4. components of the result far smaller than the largest one, and everything far from the kept
-   components, are faded out (specks, scratches, a stray blob on the backdrop);
+   components, are faded out (specks, scratches, a stray blob on the backdrop); then what the
+   semantic model is sure is person, next to the result but missing from it, is added (``extend``:
+   dark clothes on a dark backdrop, a face flattened by a privacy blur);
 5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``);
 6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
    the card painted out, and the matte is cut to the window; an oval found only afterwards, because
@@ -67,6 +69,14 @@ class FusionParams:
     """Step 3 (agreed background → 0); off only to measure what it brings."""
     gate: bool = True
     """Step 4 (component gate); off only to measure what it brings."""
+    extend: bool = True
+    """Step 4b (add what the semantic model is sure of next to the matte; see ``extend``)."""
+    extend_sure: float = 0.9
+    """Semantic α above which a pixel the matte lacks counts as a sure person."""
+    extend_erode: float = 0.005
+    """Erosion of those pixels before they are grouped (drops selfie's thin rims), then grown back."""
+    extend_touch: float = 0.01
+    """A group is added only when it lies within this fraction of the side of the matte."""
 
 
 def confidence(alpha: Alpha) -> float:
@@ -107,6 +117,26 @@ def _largest_components(alpha: Alpha, params: FusionParams) -> Alpha:
     return out
 
 
+def extend(alpha: Alpha, semantic: Alpha, params: FusionParams) -> Alpha:
+    """Add the regions the semantic model is sure are person (α > ``extend_sure``) where ``alpha``
+    has none, when they touch ``alpha``'s person: isnet drops dark clothes on a dark backdrop and
+    the face a privacy blur flattened, and when it is the base the agreed-person fill cannot bring
+    them back. Each region takes the semantic α (its soft rim included), never lowering ``alpha``."""
+    side = max(alpha.shape)
+    sure = ((semantic > params.extend_sure) & (alpha < 0.5)).astype(np.uint8)
+    sure = cv2.erode(sure, disc(params.extend_erode * side))
+    if not sure.any():
+        return alpha
+    near = cv2.dilate((alpha > 0.5).astype(np.uint8), disc(params.extend_touch * side)) > 0
+    _, labels = cv2.connectedComponents(sure)
+    touching = np.unique(labels[near & (sure > 0)])
+    add = np.isin(labels, touching[touching > 0]).astype(np.uint8)
+    where = cv2.dilate(add, disc(params.extend_erode * side)).astype(bool) & (semantic > 0.5)
+    out: Alpha = alpha.copy()
+    out[where] = np.maximum(out[where], semantic[where])
+    return out
+
+
 def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
     side = max(semantic.shape)
     c_sem, c_fine = confidence(semantic), confidence(fine)
@@ -120,6 +150,8 @@ def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
         alpha[cv2.erode(background, disc(params.background_erode * side)).astype(bool)] = 0.0
     if params.gate:
         alpha = _largest_components(alpha, params)
+    if params.extend:
+        alpha = extend(alpha, semantic, params)
     out: Alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
     return out
 
