@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -419,6 +420,7 @@ class TestAblation:
         variants = dict(ablations(fused))
         assert list(variants) == ["fusion no mounts", "fusion no strokes", "fusion no stretch", "fusion no tiles",
                                   "fusion no fill", "fusion no cut", "fusion no gate", "fusion no extend",
+                                  "fusion no steepen",
                                   "fusion no band refine",
                                   "fusion pick only"]
         for v in variants.values():
@@ -428,7 +430,7 @@ class TestAblation:
         pick = variants["fusion pick only"]
         assert not (pick.params.mounts or pick.params.strokes or pick.params.stretch or pick.params.tiles
                     or pick.params.fill or pick.params.cut or pick.params.gate or pick.params.extend
-                    or pick.refine)
+                    or pick.params.steepen != 1.0 or pick.refine)
         with pytest.raises(TypeError, match="fusion"):
             ablations(Flat())  # type: ignore[arg-type]
 
@@ -456,6 +458,31 @@ class TestFusionParts:
         assert fuse(sem, fine, on)[6, 6] == 1.0
         assert fuse(sem, fine, FusionParams())[6, 6] < 0.05
 
+    def test_steepen_narrows_the_edge_ramp(self) -> None:
+        """The last step maps α to clip(0.5 + k·(α − 0.5)); k = 1 leaves the fused matte as it is."""
+        from bshm_watchd.engine.fusion import FusionMatter, FusionParams
+
+        class Ramp:
+            name = "ramp"
+
+            def predict(self, rgb: np.ndarray) -> np.ndarray:
+                a = np.zeros(rgb.shape[:2], np.float32)
+                a[:, 40:] = 1.0
+                a[:, 30:40] = np.linspace(0.05, 0.95, 10, dtype=np.float32)  # a 10 px edge ramp
+                return a
+
+            def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+                return [self.predict(im) for im in images]
+
+        bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, fill=False, cut=False,
+                            gate=False, extend=False)
+        rgb = np.zeros((64, 64, 3), np.uint8)
+        flat = FusionMatter(Ramp(), Ramp(), replace(bare, steepen=1.0), refine=False).predict(rgb)
+        steep = FusionMatter(Ramp(), Ramp(), replace(bare, steepen=1.5), refine=False).predict(rgb)
+        assert np.allclose(flat, Ramp().predict(rgb))
+        assert np.allclose(steep, np.clip(0.5 + 1.5 * (flat - 0.5), 0, 1))
+        assert steep[0, 31] == 0.0 and steep[0, 38] == 1.0 and 0.4 < steep[0, 34] < flat[0, 34] < 0.5
+
     def test_extend_adds_what_the_semantic_mask_is_sure_of_next_to_the_matte(self) -> None:
         """isnet (the base) has the head but not the dark torso below it; selfie is sure of both, and of a
         blob far off on the backdrop. The torso is added with selfie's α, the far blob is not."""
@@ -481,3 +508,5 @@ class TestFusionParts:
         assert with_extend[65, 62] == pytest.approx(0.93)  # raised to selfie's α ...
         assert (with_extend >= without).all()  # ... and nothing lowered
         assert with_extend[50, 100] == 1.0
+        unsure = FusionParams(gate=False, extend_voice=confidence(sem) + 0.01)  # a mask this unsure has no say
+        assert fuse(sem, fine, unsure)[150, 100] == 0.0

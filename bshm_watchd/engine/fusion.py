@@ -13,7 +13,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    components, are faded out (specks, scratches, a stray blob on the backdrop); then what the
    semantic model is sure is person, next to the result but missing from it, is added (``extend``:
    dark clothes on a dark backdrop, a face flattened by a privacy blur);
-5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``);
+5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``), and the
+   edge ramp is steepened (``steepen``: the models' edges follow the print's blur);
 6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
    the card painted out, and the matte is cut to the window; an oval found only afterwards, because
    isnet's matte is the window itself, is matted again the same way.
@@ -77,6 +78,12 @@ class FusionParams:
     """Erosion of those pixels before they are grouped (drops selfie's thin rims), then grown back."""
     extend_touch: float = 0.01
     """A group is added only when it lies within this fraction of the side of the matte."""
+    steepen: float = 1.5
+    """Last, α ← clip(0.5 + steepen·(α − 0.5)): the models' edges follow a blurred, rescanned print
+    and come out wider than the subject's; 1 leaves the matte as it is."""
+    extend_voice: float = 0.6
+    """Minimum confidence of the semantic mask for ``extend``: a mostly unsure mask (bokeh, foliage)
+    is sure of blobs on the backdrop too."""
 
 
 def confidence(alpha: Alpha) -> float:
@@ -122,9 +129,11 @@ def extend(alpha: Alpha, semantic: Alpha, params: FusionParams) -> Alpha:
     has none, when they touch ``alpha``'s person: isnet drops dark clothes on a dark backdrop and
     the face a privacy blur flattened, and when it is the base the agreed-person fill cannot bring
     them back. Each region takes the semantic α (its soft rim included), never lowering ``alpha``."""
+    if confidence(semantic) < params.extend_voice:
+        return alpha
     side = max(alpha.shape)
-    sure = ((semantic > params.extend_sure) & (alpha < 0.5)).astype(np.uint8)
-    sure = cv2.erode(sure, disc(params.extend_erode * side))
+    sure = cv2.erode(((semantic > params.extend_sure) & (alpha < 0.5)).astype(np.uint8),
+                     disc(params.extend_erode * side))
     if not sure.any():
         return alpha
     near = cv2.dilate((alpha > 0.5).astype(np.uint8), disc(params.extend_touch * side)) > 0
@@ -191,7 +200,11 @@ class FusionMatter:
 
     def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8) -> Alpha:
         alpha = fuse(semantic, fine, self.params)
-        return refine_band(alpha, rgb) if self.refine else alpha
+        alpha = refine_band(alpha, rgb) if self.refine else alpha
+        if self.params.steepen == 1.0:
+            return alpha
+        out: Alpha = np.clip(0.5 + self.params.steepen * (alpha - 0.5), 0.0, 1.0).astype(np.float32)
+        return out
 
     def predict(self, rgb: RGB8) -> Alpha:
         return self.predict_batch([rgb])[0]
