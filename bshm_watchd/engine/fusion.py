@@ -78,12 +78,12 @@ class FusionParams:
     """Erosion of those pixels before they are grouped (drops selfie's thin rims), then grown back."""
     extend_touch: float = 0.01
     """A group is added only when it lies within this fraction of the side of the matte."""
-    steepen: float = 1.5
-    """Last, α ← clip(0.5 + steepen·(α − 0.5)): the models' edges follow a blurred, rescanned print
-    and come out wider than the subject's; 1 leaves the matte as it is."""
     extend_voice: float = 0.6
     """Minimum confidence of the semantic mask for ``extend``: a mostly unsure mask (bokeh, foliage)
     is sure of blobs on the backdrop too."""
+    steepen: float = 1.5
+    """Last, α ← clip(0.5 + steepen·(α − 0.5)): the models' edges follow a blurred, rescanned print
+    and come out wider than the subject's; 1 leaves the matte as it is."""
 
 
 def confidence(alpha: Alpha) -> float:
