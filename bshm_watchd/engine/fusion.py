@@ -128,9 +128,8 @@ def extend(alpha: Alpha, semantic: Alpha, params: FusionParams) -> Alpha:
     """Add the regions the semantic model is sure are person (α > ``extend_sure``) where ``alpha``
     has none, when they touch ``alpha``'s person: isnet drops dark clothes on a dark backdrop and
     the face a privacy blur flattened, and when it is the base the agreed-person fill cannot bring
-    them back. Each region takes the semantic α (its soft rim included), never lowering ``alpha``."""
-    if confidence(semantic) < params.extend_voice:
-        return alpha
+    them back. Each region takes the semantic α (its soft rim included), never lowering ``alpha``.
+    ``fuse`` calls it only when the semantic mask is confident enough (``extend_voice``)."""
     side = max(alpha.shape)
     sure = cv2.erode(((semantic > params.extend_sure) & (alpha < 0.5)).astype(np.uint8),
                      disc(params.extend_erode * side))
@@ -159,7 +158,7 @@ def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
         alpha[cv2.erode(background, disc(params.background_erode * side)).astype(bool)] = 0.0
     if params.gate:
         alpha = _largest_components(alpha, params)
-    if params.extend:
+    if params.extend and c_sem >= params.extend_voice:
         alpha = extend(alpha, semantic, params)
     out: Alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
     return out
