@@ -485,7 +485,8 @@ class TestFusionParts:
 
     def test_extend_adds_what_the_semantic_mask_is_sure_of_next_to_the_matte(self) -> None:
         """isnet (the base) has the head but not the dark torso below it; selfie is sure of both, and of a
-        blob far off on the backdrop. The torso is added with selfie's α, the far blob is not."""
+        blob far off on the backdrop. The torso is added with selfie's α, the far blob is not; a small
+        patch beside the head only when isnet is not itself very sure of its matte."""
         from bshm_watchd.engine.fusion import FusionParams, confidence, fuse
 
         h = w = 200
@@ -505,8 +506,15 @@ class TestFusionParts:
         assert without[150, 100] == 0.0
         assert with_extend[150, 100] == pytest.approx(0.97)
         assert with_extend[20, 15] == 0.0  # not next to the person
-        assert with_extend[65, 62] == pytest.approx(0.93)  # raised to selfie's α ...
-        assert (with_extend >= without).all()  # ... and nothing lowered
+        assert (with_extend >= without).all()  # nothing lowered
         assert with_extend[50, 100] == 1.0
+        # isnet is this sure of its matte (≥ extend_fine_sure): the small patch is selfie's, left out ...
+        assert confidence(fine) >= on.extend_fine_sure
+        assert with_extend[65, 62] == pytest.approx(0.4)
+        # ... while from a less confident isnet it is taken, raised to selfie's α.
+        doubtful = fuse(sem, fine, FusionParams(gate=False, extend_fine_sure=confidence(fine) + 0.01))
+        assert doubtful[65, 62] == pytest.approx(0.93)
+        assert doubtful[150, 100] == pytest.approx(0.97)
+        assert (doubtful >= without).all()
         unsure = FusionParams(gate=False, extend_voice=confidence(sem) + 0.01)  # a mask this unsure has no say
         assert fuse(sem, fine, unsure)[150, 100] == 0.0

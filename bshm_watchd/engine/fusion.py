@@ -81,6 +81,12 @@ class FusionParams:
     extend_voice: float = 0.6
     """Minimum confidence of the semantic mask for ``extend``: a mostly unsure mask (bokeh, foliage)
     is sure of blobs on the backdrop too."""
+    extend_fine_sure: float = 0.9
+    """When the fine mask is this confident, ``extend`` adds only regions of at least
+    ``extend_min_area``: a clean isnet matte misses whole torsos, not small pieces, and the small
+    regions selfie is sure of beside it are its own blobs (a pocket between arm and body, bokeh)."""
+    extend_min_area: float = 0.1
+    """That smallest region, as a fraction of the matte's person area."""
     steepen: float = 1.5
     """Last, α ← clip(0.5 + steepen·(α − 0.5)): the models' edges follow a blurred, rescanned print
     and come out wider than the subject's; 1 leaves the matte as it is."""
@@ -124,12 +130,14 @@ def _largest_components(alpha: Alpha, params: FusionParams) -> Alpha:
     return out
 
 
-def extend(alpha: Alpha, semantic: Alpha, params: FusionParams) -> Alpha:
+def extend(alpha: Alpha, semantic: Alpha, params: FusionParams, fine_confidence: float = 0.0) -> Alpha:
     """Add the regions the semantic model is sure are person (α > ``extend_sure``) where ``alpha``
     has none, when they touch ``alpha``'s person: isnet drops dark clothes on a dark backdrop and
     the face a privacy blur flattened, and when it is the base the agreed-person fill cannot bring
     them back. Each region takes the semantic α (its soft rim included), never lowering ``alpha``.
-    ``fuse`` calls it only when the semantic mask is confident enough (``extend_voice``)."""
+    ``fuse`` calls it only when the semantic mask is confident enough (``extend_voice``); when the
+    fine mask is very confident (``fine_confidence`` ≥ ``extend_fine_sure``), small regions are
+    left out (``extend_min_area``)."""
     side = max(alpha.shape)
     sure = cv2.erode(((semantic > params.extend_sure) & (alpha < 0.5)).astype(np.uint8),
                      disc(params.extend_erode * side))
@@ -138,10 +146,14 @@ def extend(alpha: Alpha, semantic: Alpha, params: FusionParams) -> Alpha:
     near = cv2.dilate((alpha > 0.5).astype(np.uint8), disc(params.extend_touch * side)) > 0
     _, labels = cv2.connectedComponents(sure)
     touching = np.unique(labels[near & (sure > 0)])
-    add = np.isin(labels, touching[touching > 0]).astype(np.uint8)
-    where = cv2.dilate(add, disc(params.extend_erode * side)).astype(bool) & (semantic > 0.5)
+    person_area = max(1, int((alpha > 0.5).sum()))
     out: Alpha = alpha.copy()
-    out[where] = np.maximum(out[where], semantic[where])
+    for label in touching[touching > 0]:
+        add = (labels == label).astype(np.uint8)
+        where = cv2.dilate(add, disc(params.extend_erode * side)).astype(bool) & (semantic > 0.5)
+        if fine_confidence >= params.extend_fine_sure and where.sum() < params.extend_min_area * person_area:
+            continue
+        out[where] = np.maximum(out[where], semantic[where])
     return out
 
 
@@ -159,7 +171,7 @@ def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
     if params.gate:
         alpha = _largest_components(alpha, params)
     if params.extend and c_sem >= params.extend_voice:
-        alpha = extend(alpha, semantic, params)
+        alpha = extend(alpha, semantic, params, c_fine)
     out: Alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
     return out
 
