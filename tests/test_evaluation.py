@@ -418,7 +418,8 @@ class TestAblation:
         sem, fine = Flat(), Flat()
         fused = FusionMatter(sem, fine, FusionParams())
         variants = dict(ablations(fused))
-        assert list(variants) == ["fusion no mounts", "fusion no strokes", "fusion no stretch", "fusion no tiles",
+        assert list(variants) == ["fusion no mounts", "fusion no strokes", "fusion no denoise",
+                                  "fusion no stretch", "fusion no tiles",
                                   "fusion no fill", "fusion no cut", "fusion no gate", "fusion no extend",
                                   "fusion no steepen",
                                   "fusion no band refine",
@@ -428,9 +429,10 @@ class TestAblation:
         assert not variants["fusion no mounts"].params.mounts and variants["fusion no mounts"].params.fill
         assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
         pick = variants["fusion pick only"]
-        assert not (pick.params.mounts or pick.params.strokes or pick.params.stretch or pick.params.tiles
-                    or pick.params.fill or pick.params.cut or pick.params.gate or pick.params.extend
-                    or pick.params.steepen != 1.0 or pick.refine)
+        assert not variants["fusion no denoise"].params.denoise
+        assert not (pick.params.mounts or pick.params.strokes or pick.params.denoise or pick.params.stretch
+                    or pick.params.tiles or pick.params.fill or pick.params.cut or pick.params.gate
+                    or pick.params.extend or pick.params.steepen != 1.0 or pick.refine)
         with pytest.raises(TypeError, match="fusion"):
             ablations(Flat())  # type: ignore[arg-type]
 
@@ -457,6 +459,48 @@ class TestFusionParts:
         assert fuse(sem, fine, off(gate=False, cut=False))[180, 20] == pytest.approx(0.3)
         assert fuse(sem, fine, on)[6, 6] == 1.0
         assert fuse(sem, fine, FusionParams())[6, 6] < 0.05
+
+    def test_denoise_mattes_a_quiet_copy_when_both_models_fail(self) -> None:
+        """Grain hides the subject from both (fake) models: their masks are all unsure. The fusion mattes an
+        NL-means denoised copy, where they see the square; a clean scan is never matted twice, and a copy
+        that leaves the models unsure is not taken."""
+        from bshm_watchd.engine.fusion import FusionMatter, FusionParams
+
+        class GrainBlind:
+            name = "grain-blind"
+
+            def __init__(self, sees_through: float = 12.0) -> None:
+                self.sees_through, self.calls = sees_through, 0
+
+            def predict(self, rgb: np.ndarray) -> np.ndarray:
+                self.calls += 1
+                grey = rgb.astype(np.float32).mean(axis=2)
+                grain = float(np.abs(grey - cv2.blur(grey, (3, 3))).mean())
+                if grain > self.sees_through:
+                    return np.full(grey.shape, 0.5, np.float32)
+                return (cv2.blur(grey, (5, 5)) > 128).astype(np.float32)
+
+            def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+                return [self.predict(im) for im in images]
+
+        clean = np.full((96, 96, 3), 60, np.uint8)
+        clean[24:72, 30:66] = 200
+        noise = np.random.default_rng(3).normal(0, 30, clean.shape)
+        grainy = np.clip(clean + noise, 0, 255).astype(np.uint8)
+        bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, steepen=1.0)
+
+        def run(image: np.ndarray, params: FusionParams, sees: float = 12.0) -> tuple[np.ndarray, int]:
+            sem, fine = GrainBlind(sees), GrainBlind(sees)
+            return FusionMatter(sem, fine, params, refine=False).predict(image), sem.calls
+
+        found, calls = run(grainy, bare)
+        assert calls == 2 and found[48, 48] > 0.99 and found[5, 5] < 0.01
+        lost, calls = run(grainy, replace(bare, denoise=False))
+        assert calls == 1 and lost[48, 48] < 0.6
+        _, calls = run(clean, bare)
+        assert calls == 1
+        still_lost, calls = run(grainy, bare, sees=0.1)  # the copy does not help: the first answer stays
+        assert calls == 2 and np.array_equal(still_lost, run(grainy, replace(bare, denoise=False), sees=0.1)[0])
 
     def test_steepen_narrows_the_edge_ramp(self) -> None:
         """The last step maps α to clip(0.5 + k·(α − 0.5)); k = 1 leaves the fused matte as it is."""

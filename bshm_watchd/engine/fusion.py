@@ -19,7 +19,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    the card painted out, and the matte is cut to the window; an oval found only afterwards, because
    isnet's matte is the window itself, is matted again the same way.
 7. a matte of isnet's made of thin strokes means it matted scratches or cracks: they are inpainted
-   and both models run again (``scratches``).
+   and both models run again (``scratches``); when both models fail (neither is confident), heavy
+   grain or a busy texture hid the subject: an NL-means denoised copy is matted again (``denoise``).
 8. every model call is made twice, on the view and on an autocontrast copy (faded prints stretched to
    full range), and the more confident answer is that model's voice.
 9. on a long scan the semantic model also sees square tiles; their merged answer replaces its own
@@ -41,7 +42,7 @@ from bshm_watchd.engine.mount import find_mount, window_in_matte, window_shape
 from bshm_watchd.engine.scratches import without_strokes
 from bshm_watchd.engine.tiles import tiled_predictions
 from bshm_watchd.refine import disc, refine_band
-from bshm_watchd.steps import autocontrast
+from bshm_watchd.steps import NlMeans, autocontrast
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,16 @@ class FusionParams:
     """The semantic model also on square tiles of a long scan (see ``tiles``)."""
     strokes: bool = True
     """Matte again without the scratches when isnet's matte is made of them (see ``scratches``)."""
+    denoise: bool = True
+    """When both models fail (neither voice trusted above ``denoise_below``), matte an NL-means
+    denoised copy again: heavy grain or a busy texture hid the subject (see ``predict_batch``)."""
+    denoise_below: float = 0.3
+    """Both voices under this trust count as failed."""
+    denoise_h: float = 20.0
+    """NL-means filter strength (luma and colour) of that copy."""
+    denoise_accept: float = 0.45
+    """The copy's answer replaces the first only when one of its voices is trusted at least this much:
+    a denoised copy of bokeh can give a confident wrong matte too, but less confident."""
     fill: bool = True
     """Step 2 (agreed person → 1); off only to measure what it brings."""
     cut: bool = True
@@ -209,6 +220,15 @@ class FusionMatter:
                   for out in (sem, fine)]
         return voices[0], voices[1]
 
+    def _denoised_if_failed(self, view: RGB8, sem: Alpha, fine: Alpha) -> tuple[Alpha, Alpha]:
+        """Both voices failed: matte an NL-means denoised copy and keep its answer when it is confident."""
+        p = self.params
+        if max(_trust(sem), _trust(fine)) >= p.denoise_below:
+            return sem, fine
+        quiet = NlMeans(step="nlmeans", h=p.denoise_h, h_color=p.denoise_h).apply(view)
+        (sem2,), (fine2,) = self._voices([quiet])
+        return (sem2, fine2) if max(_trust(sem2), _trust(fine2)) >= p.denoise_accept else (sem, fine)
+
     def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8) -> Alpha:
         alpha = fuse(semantic, fine, self.params)
         alpha = refine_band(alpha, rgb) if self.refine else alpha
@@ -235,6 +255,9 @@ class FusionMatter:
                 clean = without_strokes(view, fine[i])
                 if clean is not None:
                     (sem[i],), (fine[i],) = self._voices([clean])
+        if self.params.denoise:
+            for i, view in enumerate(views):
+                sem[i], fine[i] = self._denoised_if_failed(view, sem[i], fine[i])
         out: list[Alpha] = []
         for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
             alpha = self._finish(s, f, view)
