@@ -119,6 +119,6 @@ class TestFusionStretch:
         assert sorted(fine.seen) == [60, 255]
         assert alpha[450, 192] > 0.9 and alpha[20, 20] < 0.1
         plain = _FadedOnlyInStretch()
-        params = FusionParams(mounts=False, stretch=False, tiles=False)
+        params = FusionParams(mounts=False, stretch=False, tiles=False, denoise=False)
         flat = FusionMatter(_Half(), plain, params, refine=False).predict(rgb)
         assert plain.seen == [60] and flat[450, 192] < 0.9
