@@ -33,9 +33,11 @@ matte, and it costs CPU (0.13 s a scan on average) that the single-model paths n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
 from bshm_watchd.engine.mount import find_mount, window_in_matte, window_shape
@@ -155,17 +157,30 @@ def extend(alpha: Alpha, semantic: Alpha, params: FusionParams, fine_confidence:
     if not sure.any():
         return alpha
     near = cv2.dilate((alpha > 0.5).astype(np.uint8), disc(params.extend_touch * side)) > 0
-    _, labels = cv2.connectedComponents(sure)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(sure)
     touching = np.unique(labels[near & (sure > 0)])
-    person_area = max(1, int((alpha > 0.5).sum()))
+    touching = touching[touching > 0]
+    grow = disc(params.extend_erode * side)
+    if fine_confidence >= params.extend_fine_sure:
+        smallest = params.extend_min_area * max(1, int((alpha > 0.5).sum()))
+        touching = np.array([k for k in touching if _grown_area(labels, stats, k, grow, semantic) >= smallest],
+                            dtype=np.int32)
+    where = cv2.dilate(np.isin(labels, touching).astype(np.uint8), grow).astype(bool) & (semantic > 0.5)
     out: Alpha = alpha.copy()
-    for label in touching[touching > 0]:
-        add = (labels == label).astype(np.uint8)
-        where = cv2.dilate(add, disc(params.extend_erode * side)).astype(bool) & (semantic > 0.5)
-        if fine_confidence >= params.extend_fine_sure and where.sum() < params.extend_min_area * person_area:
-            continue
-        out[where] = np.maximum(out[where], semantic[where])
+    out[where] = np.maximum(out[where], semantic[where])
     return out
+
+
+def _grown_area(labels: npt.NDArray[Any], stats: npt.NDArray[Any], label: int, grow: npt.NDArray[Any],
+                semantic: Alpha) -> int:
+    """Pixels of region ``label`` grown by ``grow`` where the semantic α > 0.5, dilated within the
+    region's own box (padded by the element's reach) rather than over the whole frame."""
+    x, y, w, h = (int(v) for v in stats[label, :4])
+    r = grow.shape[0] // 2
+    y0, y1, x0, x1 = max(0, y - r), min(labels.shape[0], y + h + r), max(0, x - r), min(labels.shape[1], x + w + r)
+    region = (labels[y0:y1, x0:x1] == label).astype(np.uint8)
+    grown = cv2.dilate(region, grow).astype(bool) & (semantic[y0:y1, x0:x1] > 0.5)
+    return int(grown.sum())
 
 
 def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
