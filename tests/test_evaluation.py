@@ -460,6 +460,46 @@ class TestFusionParts:
         assert fuse(sem, fine, on)[6, 6] == 1.0
         assert fuse(sem, fine, FusionParams())[6, 6] < 0.05
 
+    def test_base_is_isnet_when_both_are_sure(self) -> None:
+        """Both masks are sure and isnet only a little less so: isnet is the base, and its arm (which selfie
+        lacks) stays in the matte; when isnet must be the more confident (``prefer_fine`` off), it is lost."""
+        from bshm_watchd.engine.fusion import FusionParams, confidence, fuse
+
+        h = w = 200
+        sem = np.zeros((h, w), np.float32)
+        sem[60:190, 70:130] = 1.0
+        fine = sem.copy()
+        fine[98:112, 20:70] = 1.0  # the arm
+        sem = cv2.GaussianBlur(sem, (0, 0), 1.0)
+        fine = cv2.GaussianBlur(fine, (0, 0), 1.2)  # a little softer: a little less confident
+        c_sem, c_fine = confidence(sem), confidence(fine)
+        assert 0.8 <= c_fine < c_sem <= c_fine + 0.05
+        off = FusionParams(gate=False, prefer_fine=(1.1, 0.0))
+        assert fuse(sem, fine, FusionParams(gate=False))[105, 40] == pytest.approx(1.0, abs=0.01)
+        assert fuse(sem, fine, off)[105, 40] < 0.05
+        wide = cv2.GaussianBlur(fine, (0, 0), 4.0)  # isnet far less sure: selfie stays the base
+        assert confidence(wide) < c_sem - 0.05
+        assert fuse(sem, wide, FusionParams(gate=False))[105, 40] < 0.5
+
+    def test_small_confident_base_gives_way(self) -> None:
+        """A tiny, sure blob of isnet's beside selfie's large, fairly trusted person: selfie is the base.
+        Against an untrusted selfie the blob stays the base."""
+        from bshm_watchd.engine.fusion import FusionParams, confidence, fuse
+
+        h = w = 200
+        fine = np.zeros((h, w), np.float32)
+        fine[100:120, 100:114] = 1.0  # a hand
+        sem = np.zeros((h, w), np.float32)
+        sem[40:200, 50:150] = 1.0
+        sem[40:200, 50:105] = 0.6  # half-sure: too unsure for extend to add the body
+        assert confidence(fine) > FusionParams().extend_voice > confidence(sem) >= 0.3
+        assert fuse(sem, fine, FusionParams())[60, 120] == 1.0
+        assert fuse(sem, fine, FusionParams(small_base=(0.0, 0.3)))[60, 120] < 0.05
+        unsure = sem.copy()
+        unsure[40:200, 50:130] = 0.6
+        assert confidence(unsure) < 0.3
+        assert fuse(unsure, fine, FusionParams())[60, 120] < 0.05
+
     def test_denoise_mattes_a_quiet_copy_when_both_models_fail(self) -> None:
         """Grain hides the subject from both (fake) models: their masks are all unsure. The fusion mattes an
         NL-means denoised copy, where they see the square; a clean scan is never matted twice, and a copy

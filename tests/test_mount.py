@@ -79,6 +79,21 @@ class TestFindMount:
         assert back[~cv2.dilate(truth.astype(np.uint8), np.ones((13, 13), np.uint8)).astype(bool)].max() == 0.0
         assert back[cv2.erode(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)].min() > 0.99
 
+    def test_paint_is_the_print_not_the_rim(self) -> None:
+        """A dark print in a light card, its rim blended over a few pixels: the paint is the print's dark,
+        not the lighter blend at the rim (which left the oval in sight of the models)."""
+        h, w = 600, 800
+        window = np.zeros((h, w), np.uint8)
+        cv2.ellipse(window, (w // 2, h // 2), (int(0.46 * w), int(0.42 * h)), 0, 0, 360, 1, -1)
+        soft = cv2.GaussianBlur(window.astype(np.float32), (0, 0), 3.5)[..., None]
+        dark = np.array([40, 30, 8], np.float32)
+        img = np.where(soft > 0, dark, 0) * soft + np.array([130, 105, 55], np.float32) * (1 - soft)
+        cv2.ellipse(img, (w // 3, h), (w // 8, h // 2), 0, 0, 360, (150, 150, 140), -1)  # a sitter at the rim
+        img += np.random.default_rng(0).normal(0, 3, img.shape)
+        mount = find_mount(np.clip(img, 0, 255).astype(np.uint8))
+        assert mount is not None and mount.kind == "oval"
+        assert np.abs(np.array(mount.fill) - dark).max() <= 12
+
     @pytest.mark.skipif(not (PORTRAITS / "image").is_dir(), reason=f"portraits absent ({PORTRAITS})")
     def test_on_aged_composites(self) -> None:
         """On the eval's own aged composites: no false mounts, and most ovals (the harmful kind) found."""

@@ -5,7 +5,9 @@ bright cracks, bokeh and busy backdrops for the subject and turns faded bodies h
 selfie loses people in monochrome or toned prints and returns nothing for small subjects. A
 failing model is rarely *confident*: its mask is mostly mid-grey. So:
 
-1. the more confident mask (fewest pixels between 0.1 and 0.9 relative to its area) is the base;
+1. the more confident mask (fewest pixels between 0.1 and 0.9 relative to its area) is the base —
+   isnet when both are sure and it is only a little less so, and never a tiny blob beside a large,
+   trusted other mask;
 2. where both models agree on "person" (eroded), alpha is 1 — fills holes the base left;
 3. where both agree on "background" (eroded), alpha is 0 — when the other mask is itself
    confident enough to have a say;
@@ -59,6 +61,13 @@ class FusionParams:
     """Components smaller than this fraction of the largest are dropped."""
     keep_margin: float = 0.02
     """Dilation around kept components before the soft gate."""
+    prefer_fine: tuple[float, float] = (0.8, 0.05)
+    """isnet is the base also when its confidence is at least the first value and at most the second
+    below selfie's: both are sure, and isnet's edges and thin parts (an arm, a microphone) are the better."""
+    small_base: tuple[float, float] = (0.2, 0.3)
+    """The base's person area must be at least the first value × the other mask's when the other's
+    confidence reaches the second: a tiny blob is easily confident (isnet on a faded, cracked print kept
+    a hand and lost the singer) — then the other mask is the base."""
     mounts: bool = True
     """Look for a card mount first (see ``mount``)."""
     stretch: bool = True
@@ -183,10 +192,21 @@ def _grown_area(labels: npt.NDArray[Any], stats: npt.NDArray[Any], label: int, g
     return int(grown.sum())
 
 
+def _fine_is_base(semantic: Alpha, fine: Alpha, c_sem: float, c_fine: float, params: FusionParams) -> bool:
+    """Step 1's choice: the more confident mask; isnet also when it is confident and only a little less
+    so (``prefer_fine``); but never a mask far smaller than a trusted other one (``small_base``)."""
+    fine_base = c_fine >= c_sem or (c_fine >= params.prefer_fine[0] and c_fine >= c_sem - params.prefer_fine[1])
+    base, other, c_other = (fine, semantic, c_sem) if fine_base else (semantic, fine, c_fine)
+    if c_other >= params.small_base[1] and \
+            np.count_nonzero(base > 0.5) < params.small_base[0] * np.count_nonzero(other > 0.5):
+        return not fine_base
+    return fine_base
+
+
 def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
     side = max(semantic.shape)
     c_sem, c_fine = confidence(semantic), confidence(fine)
-    base, c_other = (fine, c_sem) if c_fine >= c_sem else (semantic, c_fine)
+    base, c_other = (fine, c_sem) if _fine_is_base(semantic, fine, c_sem, c_fine, params) else (semantic, c_fine)
     alpha = base.copy()
     if params.fill:
         person = ((fine > 0.5) & (semantic > 0.5)).astype(np.uint8)
