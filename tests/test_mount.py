@@ -187,3 +187,34 @@ class TestWindowInMatte:
         assert len(fine.seen) == 2 and fine.seen[0] == rgb.shape and fine.seen[1][0] < 600
         assert sem.seen[1] == fine.seen[1]
         assert alpha[5, 5] == 0.0 and alpha.shape == rgb.shape[:2]
+
+
+class _Bust(_Recorder):
+    """A fake selfie that finds the bust of ``_print``."""
+
+    def predict_batch(self, images: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        self.seen += [im.shape for im in images]
+        out = []
+        for im in images:
+            h, w = im.shape[:2]
+            a = np.zeros((h, w), np.float32)
+            cv2.ellipse(a, (w // 2, h), (w // 3, h // 2), 0, 0, 360, 1.0, -1)
+            out.append(a)
+        return out
+
+
+class TestWindowFilled:
+    def test_a_matte_of_the_whole_window_is_dropped(self) -> None:
+        """isnet mattes the whole print inside a rectangular border (the fake answers all ones): that
+        answer is dropped, and the matte is selfie's bust; a bust inside the window is kept."""
+        img, truth = _mounted("rect")
+        mount = find_mount(img)
+        assert mount is not None and mount.kind == "rect"
+        assert mount.filled_by(np.ones(img.shape[:2], np.float32))
+        bust = _Bust("selfie").predict(img)
+        assert not mount.filled_by(bust)
+        params = FusionParams(stretch=False, tiles=False, strokes=False, denoise=False)
+        alpha = FusionMatter(_Bust("selfie"), _Recorder("isnet"), params, refine=False).predict(img)
+        seen = (bust > 0.5) & truth  # the matte is cut to the window
+        assert _iou(alpha > 0.5, seen) >= 0.95
+        assert alpha[truth & (bust < 0.5)].max() < 0.05

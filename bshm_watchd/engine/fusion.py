@@ -19,7 +19,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    edge ramp is steepened (``steepen``: the models' edges follow the print's blur);
 6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
    the card painted out, and the matte is cut to the window; an oval found only afterwards, because
-   isnet's matte is the window itself, is matted again the same way.
+   isnet's matte is the window itself, is matted again the same way; a model's matte that covers the
+   window almost whole (it took the print for the subject) is dropped, as if it had found no one.
 7. a matte of isnet's made of thin strokes means it matted scratches or cracks: they are inpainted
    and both models run again (``scratches``); when both models fail (neither is confident), heavy
    grain or a busy texture hid the subject: an NL-means denoised copy is matted again (``denoise``).
@@ -293,6 +294,9 @@ class FusionMatter:
         if self.params.denoise:
             for i, view in enumerate(views):
                 sem[i], fine[i] = self._denoised_if_failed(view, sem[i], fine[i])
+        for i, mount in enumerate(mounts):  # a matte that is the whole window says nothing of the sitter
+            if mount is not None:
+                sem[i], fine[i] = (np.zeros_like(a) if mount.filled_by(a) else a for a in (sem[i], fine[i]))
         out: list[Alpha] = []
         for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
             alpha = self._finish(s, f, view)

@@ -50,6 +50,7 @@ FILL_RING = (0.005, 0.02)
 side). The rim's outermost pixels blend print and card, and the fitted rim can lie a little outside the
 print: sampled there, the paint came out lighter than a dark print and the oval stayed in sight (eval,
 five oval cases: SAD 473 → 4, 26 → 9, 7 → 4, 14 → 14, 148 → 223, the last one failing either way)."""
+FILLED = 0.92
 MIN_WINDOW_AREA = 0.2
 MIN_WINDOW_IOU = 0.97
 
@@ -76,6 +77,14 @@ class Mount:
         inner = cv2.erode(self.window[y0:y1, x0:x1].astype(np.uint8), disc(RIM_PAINT * max(rgb.shape[:2])))
         out[inner == 0] = self.fill
         return out
+
+    def filled_by(self, alpha: Alpha) -> bool:
+        """Whether a matte of the view covers the window almost whole (``FILLED``): the model took the
+        print for the subject (isnet on a dark print in a light border: SAD 587, the sitter lighter than
+        the matte's backdrop). People fill at most 0.85 of a window in the eval's composites."""
+        y0, y1, x0, x1 = self.box
+        window = self.window[y0:y1, x0:x1] if self.kind == "oval" else self.window
+        return bool(window.any()) and float((alpha[window] > 0.5).mean()) >= FILLED
 
     def paste(self, alpha: Alpha, shape: tuple[int, int]) -> Alpha:
         """The view's alpha back on the scan's grid, cut to the window (its rim softened by a pixel)."""
