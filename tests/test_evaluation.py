@@ -418,7 +418,7 @@ class TestAblation:
         sem, fine = Flat(), Flat()
         fused = FusionMatter(sem, fine, FusionParams())
         variants = dict(ablations(fused))
-        assert list(variants) == ["fusion no mounts", "fusion no strokes", "fusion no denoise",
+        assert list(variants) == ["fusion no base rules", "fusion no mounts", "fusion no strokes", "fusion no denoise",
                                   "fusion no stretch", "fusion no tiles",
                                   "fusion no fill", "fusion no cut", "fusion no gate", "fusion no extend",
                                   "fusion no steepen",
@@ -430,6 +430,8 @@ class TestAblation:
         assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
         pick = variants["fusion pick only"]
         assert not variants["fusion no denoise"].params.denoise
+        for plain in (variants["fusion no base rules"].params, pick.params):
+            assert plain.prefer_fine[0] > 1.0 and plain.small_base[0] == 0.0
         assert not (pick.params.mounts or pick.params.strokes or pick.params.denoise or pick.params.stretch
                     or pick.params.tiles or pick.params.fill or pick.params.cut or pick.params.gate
                     or pick.params.extend or pick.params.steepen != 1.0 or pick.refine)

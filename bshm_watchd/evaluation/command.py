@@ -42,14 +42,16 @@ def ablations(fused: Matter) -> list[tuple[str, Matter]]:
     if not isinstance(fused, FusionMatter):
         raise TypeError(f"--ablate needs the fusion model, got {fused.name}")
     p = fused.params
-    variants = [("no mounts", replace(p, mounts=False), True), ("no strokes", replace(p, strokes=False), True),
+    plain = replace(p, prefer_fine=(1.01, 0.0), small_base=(0.0, 1.01))  # no base-choice exception applies
+    variants = [("no base rules", plain, True),
+                ("no mounts", replace(p, mounts=False), True), ("no strokes", replace(p, strokes=False), True),
                 ("no denoise", replace(p, denoise=False), True),
                 ("no stretch", replace(p, stretch=False), True), ("no tiles", replace(p, tiles=False), True),
                 ("no fill", replace(p, fill=False), True),
                 ("no cut", replace(p, cut=False), True), ("no gate", replace(p, gate=False), True),
                 ("no extend", replace(p, extend=False), True), ("no steepen", replace(p, steepen=1.0), True),
                 ("no band refine", p, False),
-                ("pick only", replace(p, mounts=False, strokes=False, denoise=False, stretch=False, tiles=False,
+                ("pick only", replace(plain, mounts=False, strokes=False, denoise=False, stretch=False, tiles=False,
                                       fill=False, cut=False, gate=False, extend=False, steepen=1.0), False)]
     return [(f"fusion {name}", FusionMatter(fused.semantic, fused.fine, params, refine=refine))
             for name, params, refine in variants]
