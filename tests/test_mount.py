@@ -114,7 +114,7 @@ class TestFindMount:
 
 
 class _Recorder:
-    """A fake matter (the GPU boundary) that records the shapes it saw and answers all-ones."""
+    """A fake matter (the GPU boundary) that records the shapes it saw and answers ``_answer`` (all ones)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -125,7 +125,10 @@ class _Recorder:
 
     def predict_batch(self, images: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
         self.seen += [im.shape for im in images]
-        return [np.ones(im.shape[:2], np.float32) for im in images]
+        return [self._answer(*im.shape[:2]) for im in images]
+
+    def _answer(self, h: int, w: int) -> npt.NDArray[np.float32]:
+        return np.ones((h, w), np.float32)
 
 
 class TestFusionWithMount:
@@ -149,15 +152,10 @@ class TestFusionWithMount:
 class _WindowTaker(_Recorder):
     """A fake isnet that, like the real one on a mount it cannot see, mattes the oval window itself."""
 
-    def predict_batch(self, images: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
-        self.seen += [im.shape for im in images]
-        out = []
-        for im in images:
-            h, w = im.shape[:2]
-            a = np.zeros((h, w), np.float32)
-            cv2.ellipse(a, (w // 2, h // 2), (int(0.44 * w), int(0.46 * h)), 0, 0, 360, 1.0, -1)
-            out.append(a)
-        return out
+    def _answer(self, h: int, w: int) -> npt.NDArray[np.float32]:
+        a = np.zeros((h, w), np.float32)
+        cv2.ellipse(a, (w // 2, h // 2), (int(0.44 * w), int(0.46 * h)), 0, 0, 360, 1.0, -1)
+        return a
 
 
 class TestWindowInMatte:
@@ -192,15 +190,10 @@ class TestWindowInMatte:
 class _Bust(_Recorder):
     """A fake selfie that finds the bust of ``_print``."""
 
-    def predict_batch(self, images: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
-        self.seen += [im.shape for im in images]
-        out = []
-        for im in images:
-            h, w = im.shape[:2]
-            a = np.zeros((h, w), np.float32)
-            cv2.ellipse(a, (w // 2, h), (w // 3, h // 2), 0, 0, 360, 1.0, -1)
-            out.append(a)
-        return out
+    def _answer(self, h: int, w: int) -> npt.NDArray[np.float32]:
+        a = np.zeros((h, w), np.float32)
+        cv2.ellipse(a, (w // 2, h), (w // 3, h // 2), 0, 0, 360, 1.0, -1)
+        return a
 
 
 class TestWindowFilled:

@@ -74,7 +74,7 @@ class Mount:
         # The paint reaches RIM_PAINT inside the window: the rim's own dark line, left visible, was
         # enough for isnet to matte the whole oval again (eval, three oval cases: isnet SAD 514 / 151 / 46
         # with the window painted exactly, 55 / 85 / 28 with the rim covered).
-        inner = cv2.erode(self.window[y0:y1, x0:x1].astype(np.uint8), disc(RIM_PAINT * max(rgb.shape[:2])))
+        inner = cv2.erode(self._window_in_view().astype(np.uint8), disc(RIM_PAINT * max(rgb.shape[:2])))
         out[inner == 0] = self.fill
         return out
 
@@ -83,9 +83,15 @@ class Mount:
         print for the subject (isnet on a dark print in a light border: SAD 587, the sitter lighter than
         the matte's backdrop). In the eval's composites (63 scans with a mount found, 11 seeds) the sitter
         fills at most 0.67 of the window."""
-        y0, y1, x0, x1 = self.box
-        window = self.window[y0:y1, x0:x1] if self.kind == "oval" else self.window
+        window = self._window_in_view()
         return bool(window.any()) and float((alpha[window] > 0.5).mean()) >= FILLED
+
+    def _window_in_view(self) -> Mask:
+        """The window on the view's grid: its box for an oval (the view is that crop), else the scan."""
+        if self.kind != "oval":
+            return self.window
+        y0, y1, x0, x1 = self.box
+        return self.window[y0:y1, x0:x1]
 
     def paste(self, alpha: Alpha, shape: tuple[int, int]) -> Alpha:
         """The view's alpha back on the scan's grid, cut to the window (its rim softened by a pixel)."""
