@@ -14,7 +14,7 @@ from bshm_watchd.errors import BshmError, ModelError
 from bshm_watchd.evaluation import Case, evaluate, load_pairs, make_cases, save_cases, truth_alpha
 from bshm_watchd.evaluation.ageing import age
 from bshm_watchd.evaluation.backdrops import BACKDROPS, LUMA, backdrop, keep_apart
-from bshm_watchd.evaluation.composite import _read_alpha
+from bshm_watchd.evaluation.composite import _draw_pad, _read_alpha
 from bshm_watchd.evaluation.metrics import (
     Scores,
     connectivity_error,
@@ -187,6 +187,26 @@ class TestComposite:
             assert case.alpha.min() >= 0 and case.alpha.max() <= 1
         resampled = [c for c in cases if {"rescan", "blur"} & set(c.recipe["age"])]
         assert resampled, "no case exercised the resampling steps"
+        assert any("pad" in c.recipe["frame"] for c in cases), "no case exercised the small-subject framing"
+
+    def test_small_subject_framing(self) -> None:
+        """The padded framing puts the person on a wider canvas, taking 40–75 % of each axis it does not
+        span; a person cut by the bottom edge stays on it, one cut by both side edges keeps them."""
+        alpha = np.zeros((100, 80), np.float32)
+        alpha[30:, :] = 1.0  # a bust: touches the bottom and both sides, not the top
+        pads = [p for p in (_draw_pad(np.random.default_rng([s]), alpha) for s in range(60)) if p is not None]
+        assert 8 <= len(pads) <= 30  # p 0.3 of 60
+        for top, bottom, left, right in pads:
+            assert bottom == left == right == 0 and top > 0
+            assert 0.4 <= 100 / (100 + top) <= 0.75 + 1e-2
+        floating = np.zeros((100, 80), np.float32)
+        floating[40:60, 30:50] = 1.0  # touches nothing: the new room is split on both sides
+        pads = [p for p in (_draw_pad(np.random.default_rng([s]), floating) for s in range(60)) if p is not None]
+        assert all(min(p) > 0 for p in pads)
+        assert all(max(100 + p[0] + p[1], 80 + p[2] + p[3]) <= 2.2 * min(100 + p[0] + p[1], 80 + p[2] + p[3]) + 1
+                   for p in pads)
+        spans = np.ones((100, 80), np.float32)
+        assert all(_draw_pad(np.random.default_rng([s]), spans) is None for s in range(20))
 
     def test_alpha_mass_follows_the_geometry(self, tmp_path: Path) -> None:
         """Checked independently of the helpers: an uncropped, unmounted case keeps the source's mean
@@ -194,7 +214,8 @@ class TestComposite:
         sources = _write_portraits(tmp_path)
         cases = make_cases(tmp_path, 30, seed=2, max_side=160)
         plain = [c for c in cases if c.recipe["frame"]["crop"][:2] == [0, 0] and set(c.recipe["mount"]) == {"card"}]
-        plain = [c for c in plain if c.recipe["frame"]["crop"][2:] == c.recipe["frame"]["work"]]
+        plain = [c for c in plain if c.recipe["frame"]["crop"][2:] == c.recipe["frame"]["work"]
+                 and "pad" not in c.recipe["frame"]]
         assert plain
         for c in plain:
             src = sources[int(c.recipe["source"][1:])]

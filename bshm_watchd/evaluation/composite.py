@@ -6,9 +6,12 @@ portrait i mod P); backdrop kinds follow a per-seed permutation, shifted each ro
 variants of one portrait get different backdrops. The recipe, in order:
 
 1. frame: the portrait, resized to a long side of ``max_side`` (never enlarged), is optionally
-   cropped (p 0.5; each side kept 60–100 %, only when ≥ 70 % of the alpha mass stays), then resized
-   to a long side of 40–100 % of ``max_side`` (less any mount border). Image, foreground and alpha
-   get the same crop and resize, so the alpha stays exact.
+   cropped (p 0.5; each side kept 60–100 %, only when ≥ 70 % of the alpha mass stays), then, for a
+   small subject (p 0.3, from a stream of its own so the other cases stay as they were), set on a
+   wider canvas where it takes 40–75 % of each axis it does not span (a person cut by the bottom edge
+   stays on it; no canvas longer than 2.2:1), then resized to a long side of 40–100 % of ``max_side``
+   (less any mount border). Image, foreground and alpha get the same crop, padding and resize, so the
+   alpha stays exact.
 2. foreground colours: pymatting ``estimate_foreground_ml`` once per portrait on the resized copy,
    so soft hair does not carry the old background into the new one.
 3. backdrop (``BACKDROPS``): studio (mottled painted), scenery (painted sky, horizon, trees),
@@ -93,7 +96,7 @@ def _draw_mount(rng: Rng) -> Recipe:
     return mount
 
 
-def _draw_frame(rng: Rng, alpha: Alpha, max_side: int, border: float) -> Recipe:
+def _draw_frame(rng: Rng, alpha: Alpha, max_side: int, border: float, pad_rng: Rng) -> Recipe:
     h, w = alpha.shape
     crop = [0, 0, w, h]
     if rng.random() < 0.5:
@@ -104,18 +107,46 @@ def _draw_frame(rng: Rng, alpha: Alpha, max_side: int, border: float) -> Recipe:
             if float(alpha[y0 : y0 + ch, x0 : x0 + cw].sum()) >= 0.7 * total:
                 crop = [x0, y0, x0 + cw, y0 + ch]
                 break
+    pad = _draw_pad(pad_rng, alpha[crop[1] : crop[3], crop[0] : crop[2]])
     long_side = max_side * uniform(rng, 0.4, 1.0) / (1 + 2 * border)
-    return {
-        "work": [w, h],
-        "crop": crop,
-        "size": list(bounded(crop[2] - crop[0], crop[3] - crop[1], long_side)),
-    }
+    frame: Recipe = {"work": [w, h], "crop": crop}
+    if pad is not None:
+        frame["pad"] = pad
+    top, bottom, left, right = pad or (0, 0, 0, 0)
+    frame["size"] = list(bounded(crop[2] - crop[0] + left + right, crop[3] - crop[1] + top + bottom, long_side))
+    return frame
+
+
+def _draw_pad(rng: Rng, alpha: Alpha) -> list[int] | None:
+    """The small-subject framing (p 0.3): the cropped portrait on a wider canvas, the person taking 40–75 %
+    of it along each axis the person does not already span; the new room goes to the side the person
+    does not touch (a person cut by the bottom edge stays on it), split at random when it touches neither."""
+    if rng.random() >= 0.3:
+        return None
+    share = uniform(rng, 0.4, 0.75)
+    h, w = alpha.shape
+    pad = [0, 0, 0, 0]  # top, bottom, left, right
+    for axis, (lo_edge, hi_edge), length, other in ((0, (alpha[:2], alpha[-2:]), h, w),
+                                                    (1, (alpha[:, :2], alpha[:, -2:]), w, h)):
+        lo, hi = float(lo_edge.max()) > 0.5, float(hi_edge.max()) > 0.5
+        if lo and hi:
+            continue
+        extra = min(length / share - length, 2.2 * other - length)  # no canvas longer than 2.2:1
+        if extra <= 0:
+            continue
+        first = extra if hi else 0.0 if lo else extra * float(rng.uniform(0.2, 0.8))
+        pad[2 * axis], pad[2 * axis + 1] = round(first), round(extra - first)
+    return pad if any(pad) else None
 
 
 def _reframe(arr: F32, frame: Recipe) -> F32:
-    """Crop and resize a working-size array the way ``frame`` says."""
+    """Crop, pad (zeros: no person there) and resize a working-size array the way ``frame`` says."""
     x0, y0, x1, y1 = frame["crop"]
-    return np.ascontiguousarray(resize(arr[y0:y1, x0:x1], frame["size"]), dtype=np.float32)
+    arr = arr[y0:y1, x0:x1]
+    if "pad" in frame:
+        top, bottom, left, right = frame["pad"]
+        arr = np.pad(arr, ((top, bottom), (left, right)) + ((0, 0),) * (arr.ndim - 2))
+    return np.ascontiguousarray(np.clip(resize(arr, frame["size"]), 0.0, 1.0), dtype=np.float32)
 
 
 def _oval_window(h: int, w: int, oval: Recipe) -> F32:
@@ -196,7 +227,9 @@ def make_cases(
         kind = BACKDROPS[int(order[(index + index // len(sources)) % len(BACKDROPS)])]
         rng = np.random.default_rng([seed, index])
         mount = _draw_mount(rng)
-        frame = _draw_frame(rng, alpha_w, max_side, float(mount.get("border", 0.0)))
+        # The framing's padding draws from its own stream, so cases without it are those of earlier versions.
+        frame = _draw_frame(rng, alpha_w, max_side, float(mount.get("border", 0.0)),
+                            np.random.default_rng([seed, index, 0x706164]))
         a, fg = _reframe(alpha_w, frame), _reframe(fg_w, frame)
         bg, bg_params = backdrop(kind, rng, a.shape[0], a.shape[1], clothes_colour(fg, a))
         bg, bg_params["shift"] = keep_apart(bg, fg, a)
