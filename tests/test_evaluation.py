@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -440,7 +441,7 @@ class TestAblation:
         fused = FusionMatter(sem, fine, FusionParams())
         variants = dict(ablations(fused))
         assert list(variants) == ["fusion no base rules", "fusion no mounts", "fusion no strokes", "fusion no denoise",
-                                  "fusion no stretch", "fusion no tiles",
+                                  "fusion no stretch", "fusion no tiles", "fusion no people crop",
                                   "fusion no fill", "fusion no cut", "fusion no gate", "fusion no extend",
                                   "fusion no steepen",
                                   "fusion no band refine",
@@ -451,10 +452,12 @@ class TestAblation:
         assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
         pick = variants["fusion pick only"]
         assert not variants["fusion no denoise"].params.denoise
+        assert fused.params.crop_below > 0 and variants["fusion no people crop"].params.crop_below == 0
         for plain in (variants["fusion no base rules"].params, pick.params):
             assert plain.prefer_fine[0] > 1.0 and plain.small_base[0] == 0.0
         assert not (pick.params.mounts or pick.params.strokes or pick.params.denoise or pick.params.stretch
-                    or pick.params.tiles or pick.params.fill or pick.params.cut or pick.params.gate
+                    or pick.params.tiles or pick.params.crop_below or pick.params.fill or pick.params.cut
+                    or pick.params.gate
                     or pick.params.extend or pick.params.steepen != 1.0 or pick.refine)
         with pytest.raises(TypeError, match="fusion"):
             ablations(Flat())  # type: ignore[arg-type]
@@ -625,3 +628,63 @@ class TestFusionParts:
         assert (doubtful >= without).all()
         unsure = FusionParams(gate=False, extend_voice=confidence(sem) + 0.01)  # a mask this unsure has no say
         assert fuse(sem, fine, unsure)[150, 100] == 0.0
+
+    def test_small_sitter_is_matted_again_as_a_crop(self) -> None:
+        """A small sitter on a big print: the (fake) fine model takes the whole print for the subject and the
+        semantic one is unsure of the sitter, as both are when the person is a few per cent of their input.
+        Seen larger, in the crop around where the semantic model put the person, both get it right."""
+        from bshm_watchd.engine.fusion import FusionMatter, FusionParams
+
+        class SmallBlind:
+            """Bright pixels are the person; under 5 % of the input, fine → the whole frame, semantic → unsure."""
+
+            name = "small-blind"
+
+            def __init__(self, fine: bool, sees_from: float = 0.05) -> None:
+                self.fine, self.sees_from, self.seen = fine, sees_from, []  # type: list[tuple[int, ...]]
+
+            def predict(self, rgb: np.ndarray) -> np.ndarray:
+                self.seen.append(rgb.shape)
+                person = (rgb[..., 0] > 128).astype(np.float32)
+                if person.mean() >= self.sees_from:
+                    return person
+                return np.ones_like(person) if self.fine else 0.7 * person
+
+            def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+                return [self.predict(im) for im in images]
+
+        scan = np.full((400, 400, 3), 60, np.uint8)
+        scan[260:360, 300:340] = 200  # 2.5 % of the scan
+        truth = (scan[..., 0] > 128).astype(np.float32)
+        bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, denoise=False, steepen=1.0,
+                            crop_below=0.0)
+
+        def run(params: FusionParams, image: np.ndarray = scan, sees_from: float = 0.05) -> tuple[np.ndarray, Any]:
+            sem = SmallBlind(False, sees_from)
+            return FusionMatter(sem, SmallBlind(True, sees_from), params, refine=False).predict(image), sem
+
+        whole, sem = run(bare)  # crop_below 0: the print stays the subject
+        assert whole.mean() > 0.9 and len(sem.seen) == 1
+        cropped, sem = run(replace(bare, crop_below=0.4))
+        assert np.abs(cropped - truth).mean() < 0.002
+        assert sem.seen == [(400, 400, 3), (160, 100, 3)]  # the person's box grown by 0.3 of its height
+        big = np.full((400, 400, 3), 60, np.uint8)
+        big[100:400, 120:280] = 200  # a person this large is not cropped
+        _, sem = run(replace(bare, crop_below=0.4), big)
+        assert len(sem.seen) == 1
+        sharp, sem = run(replace(bare, crop_below=0.4), sees_from=0.01)  # both models sure: no second pass
+        assert len(sem.seen) == 1 and np.abs(sharp - truth).mean() < 0.002
+
+    def test_a_crop_that_cuts_the_person_is_grown_once(self) -> None:
+        """The crop's matte running into an edge the crop cut through the scan means the box was too small:
+        that side is grown by the margin; an edge that is the scan's own edge does not count."""
+        from bshm_watchd.engine.fusion import FusionParams, cut_sides, grown
+
+        p = FusionParams(crop_margin=0.3)
+        crop = np.zeros((100, 50), np.float32)
+        crop[40:, 10:40] = 1.0  # the person runs out of the bottom of the crop
+        assert cut_sides(crop, (100, 100, 150, 200), (400, 400), p) == [1]
+        assert cut_sides(crop, (100, 300, 150, 400), (400, 400), p) == []  # the scan's own bottom edge
+        assert grown((100, 100, 150, 200), [1], (400, 400), p) == (100, 100, 150, 230)
+        assert grown((100, 100, 150, 200), [0, 2, 3], (400, 400), p) == (70, 70, 180, 200)
+        assert grown((10, 100, 60, 200), [2], (400, 400), p) == (0, 100, 60, 200)  # within the scan

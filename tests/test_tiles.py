@@ -80,7 +80,7 @@ def _scan() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     return rgb, truth
 
 
-PARAMS = FusionParams(mounts=False, stretch=False, strokes=False)
+PARAMS = FusionParams(mounts=False, stretch=False, strokes=False, crop_below=0.0)  # the tiles alone
 
 
 class TestTiledPredictions:
