@@ -126,8 +126,8 @@ class FusionParams:
     crop_margin: float = 0.3
     """Growth of the people's box on each side, as a fraction of its longer side (at least 2 % of the scan's)."""
     crop_cut: float = 0.05
-    """The crop's matte is dropped (the first pass stays) when more than this share of an edge the
-    crop cut through the scan is person: the box cut off what the first pass missed."""
+    """A crop whose matte is person on more than this share of an edge the crop cut through the scan
+    cut the people off: it is grown on that side and tried once more; cut again, the first pass stays."""
     steepen: float = 1.5
     """Last, α ← clip(0.5 + steepen·(α − 0.5)): the models' edges follow a blurred, rescanned print
     and come out wider than the subject's; 1 leaves the matte as it is."""
