@@ -306,6 +306,7 @@ class FusionMatter:
         return self.predict_batch([rgb])[0]
 
     def predict_batch(self, images: list[RGB8]) -> list[Alpha]:
+        """Each scan's matte; small sitters whose first pass had a failed voice are matted again as crops."""
         p = self.params
         first = self._matte(images)
         out = [answer.alpha for answer in first]
@@ -326,6 +327,7 @@ class FusionMatter:
         return out
 
     def _matte(self, images: list[RGB8]) -> list[_Answer]:
+        """Steps 1–9 and the finish for a batch of scans (or of crops: the people crop calls it again)."""
         mounts = [find_mount(im) if self.params.mounts else None for im in images]
         views = [m.view(im) if m is not None else im for m, im in zip(mounts, images, strict=True)]
         sem, fine = self._voices(views)
