@@ -40,6 +40,16 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "portraits"
 needs_data = pytest.mark.skipif(not (DATA / "image").is_dir(), reason=f"shared portraits not found at {DATA}")
 
 
+class _PerImage:
+    """Base of the fake matters here (the GPU boundary): a batch is each image's ``predict``."""
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.predict(im) for im in images]
+
+
 def _blob(h: int = 60, w: int = 80) -> np.ndarray:
     """A solid rectangle with a soft ramp on its left edge."""
     a = np.zeros((h, w), np.float32)
@@ -428,14 +438,11 @@ class TestAblation:
         from bshm_watchd.engine.fusion import FusionMatter, FusionParams
         from bshm_watchd.evaluation.command import ablations
 
-        class Flat:
+        class Flat(_PerImage):
             name = "flat"
 
             def predict(self, rgb: np.ndarray) -> np.ndarray:
                 return np.full(rgb.shape[:2], 0.5, np.float32)
-
-            def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-                return [self.predict(im) for im in images]
 
         sem, fine = Flat(), Flat()
         fused = FusionMatter(sem, fine, FusionParams())
@@ -532,7 +539,7 @@ class TestFusionParts:
         that leaves the models unsure is not taken."""
         from bshm_watchd.engine.fusion import FusionMatter, FusionParams
 
-        class GrainBlind:
+        class GrainBlind(_PerImage):
             name = "grain-blind"
 
             def __init__(self, sees_through: float = 12.0) -> None:
@@ -545,9 +552,6 @@ class TestFusionParts:
                 if grain > self.sees_through:
                     return np.full(grey.shape, 0.5, np.float32)
                 return (cv2.blur(grey, (5, 5)) > 128).astype(np.float32)
-
-            def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-                return [self.predict(im) for im in images]
 
         clean = np.full((96, 96, 3), 60, np.uint8)
         clean[24:72, 30:66] = 200
@@ -572,7 +576,7 @@ class TestFusionParts:
         """The last step maps α to clip(0.5 + k·(α − 0.5)); k = 1 leaves the fused matte as it is."""
         from bshm_watchd.engine.fusion import FusionMatter, FusionParams
 
-        class Ramp:
+        class Ramp(_PerImage):
             name = "ramp"
 
             def predict(self, rgb: np.ndarray) -> np.ndarray:
@@ -580,9 +584,6 @@ class TestFusionParts:
                 a[:, 40:] = 1.0
                 a[:, 30:40] = np.linspace(0.05, 0.95, 10, dtype=np.float32)  # a 10 px edge ramp
                 return a
-
-            def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-                return [self.predict(im) for im in images]
 
         bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, fill=False, cut=False,
                             gate=False, extend=False)
@@ -635,7 +636,7 @@ class TestFusionParts:
         Seen larger, in the crop around where the semantic model put the person, both get it right."""
         from bshm_watchd.engine.fusion import FusionMatter, FusionParams
 
-        class SmallBlind:
+        class SmallBlind(_PerImage):
             """Bright pixels are the person; under 5 % of the input, fine → the whole frame, semantic → unsure."""
 
             name = "small-blind"
@@ -649,9 +650,6 @@ class TestFusionParts:
                 if person.mean() >= self.sees_from:
                     return person
                 return np.ones_like(person) if self.fine else 0.7 * person
-
-            def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-                return [self.predict(im) for im in images]
 
         scan = np.full((400, 400, 3), 60, np.uint8)
         scan[260:360, 300:340] = 200  # 2.5 % of the scan
