@@ -20,7 +20,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
 6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
    the card painted out, and the matte is cut to the window; an oval found only afterwards, because
    isnet's matte is the window itself, is matted again the same way; a model's matte that covers the
-   window almost whole (it took the print for the subject) is dropped, as if it had found no one.
+   window almost whole, or most of it where the other model's covers far less (it took the print for
+   the subject), is dropped, as if it had found no one.
 7. a matte of isnet's made of thin strokes means it matted scratches or cracks: they are inpainted
    and both models run again (``scratches``); when both models fail (neither is confident), heavy
    grain or a busy texture hid the subject: an NL-means denoised copy is matted again (``denoise``).
@@ -349,11 +350,13 @@ class FusionMatter:
         if self.params.denoise:
             for i, view in enumerate(views):
                 sem[i], fine[i] = self._denoised_if_failed(view, sem[i], fine[i])
-        # A matte that is the whole window says nothing of the sitter. Dropped after the denoise retry, not
-        # before: the retry then mattes the window again (eval, s9-002: 587 → 703 dropped before, 140 after).
+        # A matte that is the whole window (or most of it, where the other's covers far less) says nothing of
+        # the sitter. Dropped after the denoise retry, not before: the retry then mattes the window again
+        # (eval, s9-002: 587 → 703 dropped before, 140 after).
         for i, mount in enumerate(mounts):
             if mount is not None:
-                sem[i], fine[i] = (np.zeros_like(a) if mount.filled_by(a) else a for a in (sem[i], fine[i]))
+                drop = mount.outvoted(sem[i], fine[i]), mount.outvoted(fine[i], sem[i])
+                sem[i], fine[i] = (np.zeros_like(a) if d else a for a, d in zip((sem[i], fine[i]), drop, strict=True))
         out: list[_Answer] = []
         for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
             alpha, semantic = self._finish(s, f, view), s
