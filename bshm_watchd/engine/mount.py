@@ -79,7 +79,8 @@ class Mount:
         pixel takes the print's colours nearest to it, smoothly), so a print light at the top and dark
         at the bottom is not framed by one mid-grey oval. Painted one colour (the ring's median), the oval
         stayed in sight where the print was lighter or darker than that colour, and both models matted the
-        window again (eval, 15 seeds × 30 composites: s14-013 and s7-021 lost, 255 and 222)."""
+        window again (eval, 15 seeds × 30 composites: s7-021 222 with one colour, 32 with this paint; s14-013
+        is lost either way, 255 → 271)."""
         if self.kind != "oval":
             return rgb
         y0, y1, x0, x1 = self.box
