@@ -355,8 +355,9 @@ class FusionMatter:
         # (eval, s9-002: 587 → 703 dropped before, 140 after).
         for i, mount in enumerate(mounts):
             if mount is not None:
-                drop = mount.outvoted(sem[i], fine[i]), mount.outvoted(fine[i], sem[i])
-                sem[i], fine[i] = (np.zeros_like(a) if d else a for a, d in zip((sem[i], fine[i]), drop, strict=True))
+                s, f = sem[i], fine[i]
+                sem[i] = np.zeros_like(s) if mount.outvoted(s, f) else s
+                fine[i] = np.zeros_like(f) if mount.outvoted(f, s) else f
         out: list[_Answer] = []
         for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
             alpha, semantic = self._finish(s, f, view), s
