@@ -572,6 +572,34 @@ class TestFusionParts:
         still_lost, calls = run(grainy, bare, sees=0.1)  # the copy does not help: the first answer stays
         assert calls == 2 and np.array_equal(still_lost, run(grainy, replace(bare, denoise=False), sees=0.1)[0])
 
+    def test_denoised_answer_that_takes_the_frame_is_not_taken(self) -> None:
+        """On the denoised copy the (fake) models are sure, but of the backdrop: their person covers 81 % of the
+        frame (bokeh and weaves did this on the eval). The first answer stays; with ``denoise_cover`` at 1 the
+        backdrop would be the matte."""
+        from bshm_watchd.engine.fusion import FusionMatter, FusionParams
+
+        class Backwards(_PerImage):
+            name = "backwards"
+
+            def predict(self, rgb: np.ndarray) -> np.ndarray:
+                grey = rgb.astype(np.float32).mean(axis=2)
+                if float(np.abs(grey - cv2.blur(grey, (3, 3))).mean()) > 12.0:
+                    return np.full(grey.shape, 0.5, np.float32)
+                return (cv2.blur(grey, (5, 5)) < 128).astype(np.float32)
+
+        clean = np.full((96, 96, 3), 60, np.uint8)
+        clean[24:72, 30:66] = 200
+        grainy = np.clip(clean + np.random.default_rng(3).normal(0, 30, clean.shape), 0, 255).astype(np.uint8)
+        bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, steepen=1.0, gate=False)
+
+        def run(params: FusionParams) -> np.ndarray:
+            return FusionMatter(Backwards(), Backwards(), params, refine=False).predict(grainy)
+
+        first = run(replace(bare, denoise=False))
+        assert np.array_equal(run(bare), first)
+        taken = run(replace(bare, denoise_cover=1.0))
+        assert taken[5, 5] > 0.99 and taken[48, 48] < 0.01 and not np.array_equal(taken, first)
+
     def test_steepen_narrows_the_edge_ramp(self) -> None:
         """The last step maps α to clip(0.5 + k·(α − 0.5)); k = 1 leaves the fused matte as it is."""
         from bshm_watchd.engine.fusion import FusionMatter, FusionParams

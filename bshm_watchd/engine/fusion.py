@@ -24,7 +24,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    the subject), is dropped, as if it had found no one.
 7. a matte of isnet's made of thin strokes means it matted scratches or cracks: they are inpainted
    and both models run again (``scratches``); when both models fail (neither is confident), heavy
-   grain or a busy texture hid the subject: an NL-means denoised copy is matted again (``denoise``).
+   grain or a busy texture hid the subject: an NL-means denoised copy is matted again (``denoise``);
+   its answer is taken only when one of its voices is confident and neither takes most of the frame.
 8. every model call is made twice, on the view and on an autocontrast copy (faded prints stretched to
    full range), and the more confident answer is that model's voice.
 9. on a long scan the semantic model also sees square tiles; their merged answer replaces its own
@@ -94,6 +95,10 @@ class FusionParams:
     denoise_accept: float = 0.45
     """The copy's answer replaces the first only when one of its voices is trusted at least this much:
     a denoised copy of bokeh can give a confident wrong matte too, but less confident."""
+    denoise_cover: float = 0.6
+    """... and only when neither of its voices covers this share of the view or more: where both models
+    failed on the scan, a confident answer on the denoised copy that takes most of the frame took the
+    backdrop (bokeh, a weave) for the person."""
     fill: bool = True
     """Step 2 (agreed person → 1); off only to measure what it brings."""
     cut: bool = True
@@ -297,7 +302,9 @@ class FusionMatter:
             return sem, fine
         quiet = NlMeans(step="nlmeans", h=p.denoise_h, h_color=p.denoise_h).apply(view)
         (sem2,), (fine2,) = self._voices([quiet])
-        return (sem2, fine2) if max(_trust(sem2), _trust(fine2)) >= p.denoise_accept else (sem, fine)
+        taken = max(_trust(sem2), _trust(fine2)) >= p.denoise_accept and \
+            max(float(np.mean(sem2 > 0.5)), float(np.mean(fine2 > 0.5))) < p.denoise_cover
+        return (sem2, fine2) if taken else (sem, fine)
 
     def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8) -> Alpha:
         alpha = fuse(semantic, fine, self.params)
