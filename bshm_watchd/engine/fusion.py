@@ -14,7 +14,9 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
 4. components of the result far smaller than the largest one, and everything far from the kept
    components, are faded out (specks, scratches, a stray blob on the backdrop); then what the
    semantic model is sure is person, next to the result but missing from it, is added (``extend``:
-   dark clothes on a dark backdrop, a face flattened by a privacy blur);
+   dark clothes on a dark backdrop, a face flattened by a privacy blur); where a voice failed, what
+   selfie half-sees (α > 0.25) beside the matte is given to a colour model of the image (GrabCut),
+   and the regions it calls person are added (``complete``: a dark shirt under a bust, a faded body);
 5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``), and the
    edge ramp is steepened (``steepen``: the models' edges follow the print's blur);
 6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
@@ -51,6 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
+from bshm_watchd.engine.complete import completed
 from bshm_watchd.engine.mount import find_mount, window_in_matte, window_shape
 from bshm_watchd.engine.scratches import without_strokes
 from bshm_watchd.engine.tiles import tiled_predictions
@@ -122,6 +125,15 @@ class FusionParams:
     regions selfie is sure of beside it are its own blobs (a pocket between arm and body, bokeh)."""
     extend_min_area: float = 0.1
     """That smallest region, as a fraction of the matte's person area."""
+    complete: bool = True
+    """Step 4c: where a voice failed, complete the person with a colour model (see ``complete``)."""
+    complete_failed: float = 0.5
+    """... only when a voice is trusted less than this: where both were sure, the colour model added as
+    much backdrop as person."""
+    complete_seen: float = 0.25
+    """Semantic α above which a pixel the matte lacks is a candidate."""
+    complete_min_area: float = 0.05
+    """Smallest added region, as a fraction of the matte's person area."""
     crop_below: float = 0.4
     """Crop to the people (a second pass, see ``people_box``): when the people found take a box under
     this share of the scan's area, the box (grown by ``crop_margin``) is matted again as a scan of its
@@ -307,11 +319,14 @@ class FusionMatter:
         return (sem2, fine2) if taken else (sem, fine)
 
     def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8) -> Alpha:
-        alpha = fuse(semantic, fine, self.params)
+        p = self.params
+        alpha = fuse(semantic, fine, p)
+        if p.complete and min(_trust(semantic), _trust(fine)) < p.complete_failed:
+            alpha = completed(alpha, semantic, rgb, seen=p.complete_seen, min_area=p.complete_min_area)
         alpha = refine_band(alpha, rgb) if self.refine else alpha
-        if self.params.steepen == 1.0:
+        if p.steepen == 1.0:
             return alpha
-        out: Alpha = np.clip(0.5 + self.params.steepen * (alpha - 0.5), 0.0, 1.0).astype(np.float32)
+        out: Alpha = np.clip(0.5 + p.steepen * (alpha - 0.5), 0.0, 1.0).astype(np.float32)
         return out
 
     def predict(self, rgb: RGB8) -> Alpha:
