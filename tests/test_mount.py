@@ -224,6 +224,26 @@ class TestWindowInMatte:
         cv2.ellipse(small, (225, 300), (60, 80), 0, 0, 360, 1.0, -1)
         assert window_in_matte(small, rgb) is None  # a clean ellipse, but too small to be a window
 
+    def test_window_crossed_by_a_scratch_is_a_window(self) -> None:
+        """The matte is the window plus a scratch running out across the rim: the first fit is pulled off
+        (IoU under 0.97), the fit without the matte's thin parts finds the window; a bust is not a window
+        either way."""
+        from bshm_watchd.engine import mount
+
+        rgb = _print(600, 450, 0)
+        oval = _WindowTaker("isnet").predict(rgb)
+        scratched = oval.copy()
+        cv2.line(scratched, (300, 350), (449, 599), 1.0, 10)
+        found = mount.window_in_matte(scratched, rgb)
+        assert found is not None and _iou(found.window, oval > 0.5) >= 0.97
+        _, iou = mount._ellipse_fit((scratched > 0.5).astype(np.uint8))
+        assert mount.WINDOW_RETRY[0] <= iou < mount.MIN_WINDOW_IOU
+        bust = np.zeros((600, 450), np.float32)
+        cv2.ellipse(bust, (225, 600), (150, 300), 0, 0, 360, 1.0, -1)
+        cv2.circle(bust, (225, 240), 80, 1.0, -1)
+        cv2.line(bust, (300, 350), (449, 599), 1.0, 10)
+        assert mount.window_in_matte(bust, rgb) is None
+
     def test_fusion_mattes_again_on_the_window(self) -> None:
         """When isnet's matte is the window, both models run again on the window's box."""
         rgb = _print(600, 450, 0)
