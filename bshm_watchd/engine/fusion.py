@@ -266,12 +266,8 @@ class _Answer:
     alpha: Alpha
     semantic: Alpha
     """The semantic voice: where the people are."""
-    voices: tuple[Alpha, Alpha]
-    """The two voices as fused, on the view's grid."""
-
-    def weakest(self) -> float:
-        """The lesser trust of the two voices (asked only where a crop is in question: 2 ms a voice)."""
-        return min(_trust(v) for v in self.voices)
+    weakest: float
+    """The lesser trust of the two voices as fused (the completion and the crop pass both ask it)."""
 
 
 class FusionMatter:
@@ -318,10 +314,11 @@ class FusionMatter:
             max(float(np.mean(sem2 > 0.5)), float(np.mean(fine2 > 0.5))) < p.denoise_cover
         return (sem2, fine2) if taken else (sem, fine)
 
-    def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8) -> Alpha:
+    def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8, weakest: float) -> Alpha:
+        """Steps 1–5 on the two voices; ``weakest`` is the lesser of their trusts."""
         p = self.params
         alpha = fuse(semantic, fine, p)
-        if p.complete and min(_trust(semantic), _trust(fine)) < p.complete_failed:
+        if p.complete and weakest < p.complete_failed:
             alpha = completed(alpha, semantic, rgb, seen=p.complete_seen, min_area=p.complete_min_area)
         alpha = refine_band(alpha, rgb) if self.refine else alpha
         if p.steepen == 1.0:
@@ -340,7 +337,7 @@ class FusionMatter:
         if p.crop_below <= 0:
             return out
         pending = [(i, box) for i, answer in enumerate(first)
-                   if (box := people_box(answer.semantic, p)) is not None and answer.weakest() < p.crop_failed]
+                   if (box := people_box(answer.semantic, p)) is not None and answer.weakest < p.crop_failed]
         for attempt in range(2):  # a crop that cut the people is grown on the cut sides and tried once more
             crops = self._matte([crop(images[i], box) for i, box in pending])
             again = []
@@ -382,10 +379,11 @@ class FusionMatter:
                 fine[i] = np.zeros_like(f) if mount.outvoted(f, s) else f
         out: list[_Answer] = []
         for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
-            alpha, semantic = self._finish(s, f, view), s
+            weakest = min(_trust(s), _trust(f))
+            alpha, semantic = self._finish(s, f, view, weakest), s
             if mount is not None:
                 alpha, semantic = mount.paste(alpha, im.shape[:2]), mount.paste(s, im.shape[:2])
-            out.append(_Answer(alpha, semantic, (s, f)))
+            out.append(_Answer(alpha, semantic, weakest))
         return out
 
 
