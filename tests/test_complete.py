@@ -1,4 +1,4 @@
-"""Tests for the colour-model completion of the person (``engine.complete``) and its use in the fusion."""
+"""Tests for the colour-model completion and pruning of the person (``engine.complete``) and their use in the fusion."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from bshm_watchd.engine.complete import completed
+from bshm_watchd.engine.complete import completed, pruned
 from bshm_watchd.engine.fusion import FusionMatter, FusionParams, confidence
 
 H, W = 200, 160
@@ -118,3 +118,55 @@ def test_same_scan_same_matte_whatever_ran_before() -> None:
         cv2.setRNGSeed(seed)
         outs.append(completed(head, semantic, img, seen=0.25, min_area=0.0))
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def _lobe() -> npt.NDArray[np.bool_]:
+    """A block of plain backdrop right of the head, touching it: what selfie mattes with the sitter."""
+    m = np.zeros((H, W), bool)
+    m[50:110, 100:150] = True
+    return m & (_head() < 0.5) & ~_shirt()
+
+
+def _selfie_with_lobe() -> F32:
+    return ((_head() > 0.5) | _shirt() | _lobe()).astype(np.float32)
+
+
+def test_pruned_removes_what_isnet_lacks_and_is_backdrop() -> None:
+    """selfie mattes head, shirt and a block of backdrop; isnet has the head only. The block (the backdrop's
+    colour) is removed; the shirt, which isnet lacks too but whose colour is no backdrop's, stays."""
+    lobe, shirt = _lobe(), _shirt()
+    out = pruned(_selfie_with_lobe(), _head(), _bust(), below=0.5, core=0.01, min_area=0.05, max_share=1.0)
+    assert float(out[lobe].mean()) < 0.05
+    assert float(out[shirt].mean()) > 0.97
+    assert float(out[_head() > 0.5].min()) == 1.0
+
+
+def test_pruned_removes_nothing_where_isnet_lacks_too_much() -> None:
+    """The share limit: the block is removed only when it is under ``max_share`` of the person; a larger
+    share means isnet lost the person, and the matte stays as it is."""
+    base, lobe = _selfie_with_lobe(), _lobe()
+    share = lobe.sum() / (base > 0.5).sum()
+    kept = pruned(base, _head() + _shirt(), _bust(), below=0.5, core=0.01, min_area=0.05, max_share=share * 0.9)
+    assert np.array_equal(kept, base)
+    gone = pruned(base, _head() + _shirt(), _bust(), below=0.5, core=0.01, min_area=0.05, max_share=share * 1.1)
+    assert float(gone[lobe].mean()) < 0.05
+
+
+def test_fusion_prunes_selfies_base_where_isnet_is_trusted() -> None:
+    """selfie (sure: the base) mattes the sitter and a block of backdrop; isnet mattes the sitter and is unsure
+    of the block (α 0.3, so trusted about 0.7). The fusion removes the block; not with ``prune`` off, nor when
+    isnet's trust is under ``prune_voice``."""
+    lobe = _lobe()
+    fine = np.clip(_head() + _shirt(), 0, 1).astype(np.float32)
+    fine[lobe] = 0.3
+    bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, denoise=False, crop_below=0.0,
+                        steepen=1.0)
+
+    def run(params: FusionParams) -> F32:
+        out: F32 = FusionMatter(_Fixed(_selfie_with_lobe()), _Fixed(fine), params, refine=False).predict(_bust())
+        return out
+
+    assert 0.6 < confidence(fine) < 0.8
+    assert float(run(bare)[lobe].mean()) < 0.05
+    assert float(run(replace(bare, prune=False))[lobe].mean()) > 0.97
+    assert float(run(replace(bare, prune_voice=0.8))[lobe].mean()) > 0.97

@@ -17,6 +17,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    dark clothes on a dark backdrop, a face flattened by a privacy blur); where a voice failed, what
    selfie half-sees (α > 0.25) beside the matte is given to a colour model of the image (GrabCut),
    and the regions it calls person are added (``complete``: a dark shirt under a bust, a faded body);
+   where selfie's matte is the base and isnet is trusted, what isnet lacks and the colour model calls
+   backdrop is removed (``complete.pruned``: bokeh, a card's edge matted with the sitter);
 5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``), and the
    edge ramp is steepened (``steepen``: the models' edges follow the print's blur);
 6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
@@ -53,7 +55,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
-from bshm_watchd.engine.complete import completed
+from bshm_watchd.engine.complete import completed, pruned
 from bshm_watchd.engine.mount import find_mount, window_in_matte, window_shape
 from bshm_watchd.engine.scratches import without_strokes
 from bshm_watchd.engine.tiles import tiled_predictions
@@ -134,6 +136,20 @@ class FusionParams:
     """Semantic α above which a pixel the matte lacks is a candidate."""
     complete_min_area: float = 0.05
     """Smallest added region, as a fraction of the matte's person area."""
+    prune: bool = True
+    """Step 4d: where selfie's matte is the base and isnet is trusted, remove what isnet lacks and a colour
+    model calls backdrop (see ``complete.pruned``)."""
+    prune_voice: float = 0.6
+    """... only when isnet's voice is trusted at least this much."""
+    prune_below: float = 0.5
+    """isnet α under which a pixel of the base's person is a candidate."""
+    prune_core: float = 0.01
+    """Opening of the candidates, as a fraction of the side (isnet's finer edges are not candidates)."""
+    prune_min_area: float = 0.05
+    """Smallest removed region, as a fraction of the matte's person area ..."""
+    prune_max: float = 0.5
+    """... and the most removed in all: where isnet lacks more, it lost the person (dark hair on a dark
+    backdrop), and nothing is removed."""
     crop_below: float = 0.4
     """Crop to the people (a second pass, see ``people_box``): when the people found take a box under
     this share of the scan's area, the box (grown by ``crop_margin``) is matted again as a scan of its
@@ -314,12 +330,16 @@ class FusionMatter:
             max(float(np.mean(sem2 > 0.5)), float(np.mean(fine2 > 0.5))) < p.denoise_cover
         return (sem2, fine2) if taken else (sem, fine)
 
-    def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8, weakest: float) -> Alpha:
-        """Steps 1–5 on the two voices; ``weakest`` is the lesser of their trusts."""
+    def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8, trusts: tuple[float, float]) -> Alpha:
+        """Steps 1–5 on the two voices; ``trusts`` are theirs (semantic, fine)."""
         p = self.params
         alpha = fuse(semantic, fine, p)
-        if p.complete and weakest < p.complete_failed:
+        if p.complete and min(trusts) < p.complete_failed:
             alpha = completed(alpha, semantic, rgb, seen=p.complete_seen, min_area=p.complete_min_area)
+        if p.prune and trusts[1] >= p.prune_voice and \
+                not _fine_is_base(semantic, fine, confidence(semantic), confidence(fine), p):
+            alpha = pruned(alpha, fine, rgb, below=p.prune_below, core=p.prune_core, min_area=p.prune_min_area,
+                           max_share=p.prune_max)
         alpha = refine_band(alpha, rgb) if self.refine else alpha
         if p.steepen == 1.0:
             return alpha
@@ -379,11 +399,11 @@ class FusionMatter:
                 fine[i] = np.zeros_like(f) if mount.outvoted(f, s) else f
         out: list[_Answer] = []
         for s, f, view, mount, im in zip(sem, fine, views, mounts, images, strict=True):
-            weakest = min(_trust(s), _trust(f))
-            alpha, semantic = self._finish(s, f, view, weakest), s
+            trusts = _trust(s), _trust(f)
+            alpha, semantic = self._finish(s, f, view, trusts), s
             if mount is not None:
                 alpha, semantic = mount.paste(alpha, im.shape[:2]), mount.paste(s, im.shape[:2])
-            out.append(_Answer(alpha, semantic, weakest))
+            out.append(_Answer(alpha, semantic, min(trusts)))
         return out
 
 

@@ -51,11 +51,12 @@ def ablations(fused: Matter) -> list[tuple[str, Matter]]:
                 ("no fill", replace(p, fill=False), True),
                 ("no cut", replace(p, cut=False), True), ("no gate", replace(p, gate=False), True),
                 ("no extend", replace(p, extend=False), True), ("no complete", replace(p, complete=False), True),
+                ("no prune", replace(p, prune=False), True),
                 ("no steepen", replace(p, steepen=1.0), True),
                 ("no band refine", p, False),
                 ("pick only", replace(plain, mounts=False, strokes=False, denoise=False, stretch=False, tiles=False,
                                       crop_below=0.0, fill=False, cut=False, gate=False, extend=False,
-                                      complete=False, steepen=1.0), False)]
+                                      complete=False, prune=False, steepen=1.0), False)]
     return [(f"fusion {name}", FusionMatter(fused.semantic, fused.fine, params, refine=refine))
             for name, params, refine in variants]
 
