@@ -450,7 +450,7 @@ class TestAblation:
         assert list(variants) == ["fusion no base rules", "fusion no mounts", "fusion no strokes", "fusion no denoise",
                                   "fusion no stretch", "fusion no tiles", "fusion no people crop",
                                   "fusion no fill", "fusion no cut", "fusion no gate", "fusion no extend",
-                                  "fusion no complete", "fusion no steepen",
+                                  "fusion no complete", "fusion no prune", "fusion no steepen",
                                   "fusion no band refine",
                                   "fusion pick only"]
         for v in variants.values():
@@ -465,8 +465,10 @@ class TestAblation:
         assert not (pick.params.mounts or pick.params.strokes or pick.params.denoise or pick.params.stretch
                     or pick.params.tiles or pick.params.crop_below or pick.params.fill or pick.params.cut
                     or pick.params.gate
-                    or pick.params.extend or pick.params.complete or pick.params.steepen != 1.0 or pick.refine)
+                    or pick.params.extend or pick.params.complete or pick.params.prune or pick.params.steepen != 1.0
+                    or pick.refine)
         assert not variants["fusion no complete"].params.complete and variants["fusion no complete"].params.extend
+        assert not variants["fusion no prune"].params.prune and variants["fusion no prune"].params.complete
         with pytest.raises(TypeError, match="fusion"):
             ablations(Flat())  # type: ignore[arg-type]
 
