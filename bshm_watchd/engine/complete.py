@@ -1,4 +1,5 @@
-"""Complete the person where the semantic model half-sees it and the matte lacks it.
+"""Complete the person where the semantic model half-sees it and the matte lacks it; prune what the
+semantic model took with the person where the fine one lacks it (``pruned``).
 
 When one model failed, the fused matte often misses a whole part of the sitter: isnet drops a dark
 shirt under a bust or a faded body under a pair of arms, and selfie, the only other voice, is unsure
@@ -13,6 +14,11 @@ only where a voice failed (trusted under 0.5; ``FusionParams.complete_failed``).
 measured 24.74 (unseeded) but made three seeds worse (0z +0.8, 5mz +1.8, 11mz +0.4): where both models were sure,
 the colour model added backdrop (a grey block beside a light shirt, the shadow under the knees, bokeh
 above a head) about as often as person. Cost: 0.1 s a call on 2 cores, called on 126 of 450 scans.
+
+The same colour model, the other way round: where selfie's matte is the base and isnet, trusted, lacks a
+part of its person, the parts the colour model calls backdrop are removed. Harness 24.27 → 23.96; it
+changes 6 of 450 scans (a card's edge below an oval window, a block of backdrop beside a shoulder; it
+lost s10-011, whose dark hair on a dark backdrop isnet lacked too).
 """
 
 from __future__ import annotations
