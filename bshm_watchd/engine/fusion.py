@@ -257,9 +257,29 @@ def _fine_is_base(semantic: Alpha, fine: Alpha, c_sem: float, c_fine: float, par
 
 
 def fuse(semantic: Alpha, fine: Alpha, params: FusionParams) -> Alpha:
+    """Steps 1–4b (base choice, fill, cut, gate, extend) on the two voices."""
+    return _fused(semantic, fine, params, _Base.of(semantic, fine, params))
+
+
+@dataclass(frozen=True)
+class _Base:
+    """Step 1's choice and the confidences it was made from (the finish asks them again for the pruning)."""
+
+    c_sem: float
+    c_fine: float
+    fine: bool
+    """isnet's matte is the base."""
+
+    @classmethod
+    def of(cls, semantic: Alpha, fine: Alpha, params: FusionParams) -> _Base:
+        c_sem, c_fine = confidence(semantic), confidence(fine)
+        return cls(c_sem, c_fine, _fine_is_base(semantic, fine, c_sem, c_fine, params))
+
+
+def _fused(semantic: Alpha, fine: Alpha, params: FusionParams, choice: _Base) -> Alpha:
     side = max(semantic.shape)
-    c_sem, c_fine = confidence(semantic), confidence(fine)
-    base, c_other = (fine, c_sem) if _fine_is_base(semantic, fine, c_sem, c_fine, params) else (semantic, c_fine)
+    c_sem, c_fine = choice.c_sem, choice.c_fine
+    base, c_other = (fine, c_sem) if choice.fine else (semantic, c_fine)
     alpha = base.copy()
     if params.fill:
         person = ((fine > 0.5) & (semantic > 0.5)).astype(np.uint8)
@@ -333,11 +353,11 @@ class FusionMatter:
     def _finish(self, semantic: Alpha, fine: Alpha, rgb: RGB8, trusts: tuple[float, float]) -> Alpha:
         """Steps 1–5 on the two voices; ``trusts`` are theirs (semantic, fine)."""
         p = self.params
-        alpha = fuse(semantic, fine, p)
+        choice = _Base.of(semantic, fine, p)
+        alpha = _fused(semantic, fine, p, choice)
         if p.complete and min(trusts) < p.complete_failed:
             alpha = completed(alpha, semantic, rgb, seen=p.complete_seen, min_area=p.complete_min_area)
-        if p.prune and trusts[1] >= p.prune_voice and \
-                not _fine_is_base(semantic, fine, confidence(semantic), confidence(fine), p):
+        if p.prune and trusts[1] >= p.prune_voice and not choice.fine:
             alpha = pruned(alpha, fine, rgb, below=p.prune_below, core=p.prune_core, min_area=p.prune_min_area,
                            max_share=p.prune_max)
         alpha = refine_band(alpha, rgb) if self.refine else alpha
