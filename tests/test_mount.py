@@ -85,6 +85,23 @@ class TestFindMount:
         assert back[~cv2.dilate(truth.astype(np.uint8), np.ones((13, 13), np.uint8)).astype(bool)].max() == 0.0
         assert back[cv2.erode(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)].min() > 0.99
 
+    def test_rect_view_and_paste(self) -> None:
+        """A rectangular window's view is the scan cut to the window's box, unpainted (the card is outside it);
+        paste puts alpha back in place, zero on the card. Matted with the card in sight, isnet took the whole
+        print for the subject (eval, s14-021: SAD 353, 45 matted as the crop)."""
+        img, truth = _mounted("rect")
+        mount = find_mount(img)
+        assert mount is not None and mount.kind == "rect"
+        view = mount.view(img)
+        y0, y1, x0, x1 = mount.box
+        assert view.shape == (y1 - y0, x1 - x0, 3)
+        assert np.array_equal(view, img[y0:y1, x0:x1])
+        assert mount.window[y0:y1, x0:x1].mean() > 0.97  # next to no card left in sight
+        back = mount.paste(np.ones(view.shape[:2], np.float32), img.shape[:2])
+        assert back.shape == img.shape[:2]
+        assert back[~cv2.dilate(truth.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)].max() == 0.0
+        assert back[cv2.erode(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)].min() > 0.99
+
     def test_paint_is_the_print_not_the_rim(self) -> None:
         """A dark print in a light card, its rim blended over a few pixels: the paint is the print's dark,
         not the lighter blend at the rim (which left the oval in sight of the models)."""
@@ -180,10 +197,10 @@ class _Recorder:
 
 
 class TestFusionWithMount:
-    @pytest.mark.parametrize("mounts", [True, False])
-    def test_oval_is_matted_as_crop(self, mounts: bool) -> None:
-        """With mounts on, both models see the oval's box and the card gets alpha 0; off, the whole scan."""
-        img, truth = _mounted("oval")
+    @pytest.mark.parametrize(("kind", "mounts"), [("oval", True), ("oval", False), ("rect", True), ("rect", False)])
+    def test_window_is_matted_as_crop(self, kind: str, mounts: bool) -> None:
+        """With mounts on, both models see the window's box and the card gets alpha 0; off, the whole scan."""
+        img, truth = _mounted(kind)
         sem, fine = _Recorder("selfie"), _Recorder("isnet")
         params = FusionParams(mounts=mounts, stretch=False, tiles=False)
         alpha = FusionMatter(sem, fine, params, refine=False).predict(img)
@@ -271,12 +288,17 @@ class TestWindowFilled:
         img, truth = _mounted("rect")
         mount = find_mount(img)
         assert mount is not None and mount.kind == "rect"
-        assert mount.filled_by(np.ones(img.shape[:2], np.float32))
-        bust = _Bust("selfie").predict(img)
+        view = mount.view(img)  # the mattes are judged on the view's grid: the window's box
+        assert mount.filled_by(np.ones(view.shape[:2], np.float32))
+        bust = _Bust("selfie").predict(view)
         assert not mount.filled_by(bust)
         params = FusionParams(stretch=False, tiles=False, strokes=False, denoise=False)
         alpha = FusionMatter(_Bust("selfie"), _Recorder("isnet"), params, refine=False).predict(img)
-        seen = (bust > 0.5) & truth  # the matte is cut to the window
+        y0, y1, x0, x1 = mount.box
+        placed = np.zeros(img.shape[:2], np.float32)
+        placed[y0:y1, x0:x1] = bust
+        seen = (placed > 0.5) & truth  # the matte is cut to the window
+        bust = placed
         assert _iou(alpha > 0.5, seen) >= 0.95
         assert alpha[truth & (bust < 0.5)].max() < 0.05
 
@@ -288,13 +310,16 @@ class TestWindowFilled:
         mount = find_mount(img)
         assert mount is not None and mount.kind == "rect"
         h, w = img.shape[:2]
+        y0, y1, x0, x1 = mount.box
         bust = np.zeros((h, w), np.float32)
         cv2.ellipse(bust, (w // 2, h), (w // 5, h // 3), 0, 0, 360, 1.0, -1)  # a small sitter
         backdrop = (truth & (bust < 0.5)).astype(np.float32)
+        lower = (truth & (np.arange(h) > 0.3 * h)[:, None]).astype(np.float32)  # a sitter filling the window
+        # The models see the window's box: each matte as they would give it there.
+        bust, backdrop, lower = (a[y0:y1, x0:x1] for a in (bust, backdrop, lower))
         assert 0.8 <= mount.covered(backdrop) < 0.92 and mount.covered(bust) < 0.6
         assert not mount.filled_by(backdrop)  # not the whole window: only the other's verdict gives it away
         assert mount.outvoted(backdrop, bust) and not mount.outvoted(bust, backdrop)
-        lower = (truth & (np.arange(h) > 0.3 * h)[:, None]).astype(np.float32)  # a sitter filling the window
         assert mount.covered(lower) >= 0.6 and not mount.outvoted(backdrop, lower)
 
         class _Small(_Recorder):
@@ -307,4 +332,6 @@ class TestWindowFilled:
 
         params = FusionParams(stretch=False, tiles=False, strokes=False, denoise=False, crop_below=0.0)
         alpha = FusionMatter(_Small("selfie"), _Backdrop("isnet"), params, refine=False).predict(img)
-        assert _iou(alpha > 0.5, (bust > 0.5) & truth) >= 0.9
+        assert _iou(alpha[y0:y1, x0:x1] > 0.5, (bust > 0.5) & truth[y0:y1, x0:x1]) >= 0.9
+        card = ~cv2.dilate(truth.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        assert alpha[card].max() == 0.0

@@ -21,9 +21,10 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    backdrop is removed (``complete.pruned``: bokeh, a card's edge matted with the sitter);
 5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``), and the
    edge ramp is steepened (``steepen``: the models' edges follow the print's blur);
-6. before all this, a card mount is looked for (``mount``): an oval window is matted as a crop with
-   the card painted out, and the matte is cut to the window; an oval found only afterwards, because
-   isnet's matte is the window itself, is matted again the same way; a model's matte that covers the
+6. before all this, a card mount is looked for (``mount``): a window is matted as a crop of its box,
+   an oval one with the card painted out, and the matte is cut to the window; an oval found only
+   afterwards, because isnet's matte is the window itself, is matted again the same way; a model's
+   matte that covers the
    window almost whole, or most of it where the other model's covers far less (it took the print for
    the subject), is dropped, as if it had found no one.
 7. a matte of isnet's made of thin strokes means it matted scratches or cracks: they are inpainted
