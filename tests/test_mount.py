@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from bshm_watchd.engine import mount as mount_mod
 from bshm_watchd.engine.fusion import FusionMatter, FusionParams
 from bshm_watchd.engine.mount import Mount, find_mount
 
@@ -40,6 +41,20 @@ def _mounted(kind: str, h: int = 600, w: int = 450, seed: int = 0) -> tuple[U8, 
     grain = np.random.default_rng(seed + 1).normal(0, 4, img.shape).astype(np.float32)
     out = np.where(window[..., None].astype(bool), img, np.clip(card + grain, 0, 255)).astype(np.uint8)
     return out, window.astype(bool)
+
+
+def _close_card(h: int = 600, w: int = 450, b: int = 30) -> tuple[U8, npt.NDArray[np.bool_]]:
+    """A rectangular window in a card 6-7 ΔE from the print's backdrop, a dark bust cut by its lower rim."""
+    img = np.zeros((h, w, 3), np.float32)
+    img[...] = (150, 140, 120)  # the card
+    img[b:-b, b:-b] = (158, 146, 124)  # the print's backdrop
+    window = np.zeros((h, w), bool)
+    window[b:-b, b:-b] = True
+    bust = np.zeros((h, w), np.uint8)
+    cv2.ellipse(bust, (w // 2, h - b), (w // 4, h // 3), 0, 0, 360, 1, -1)
+    img[(bust > 0) & window] = (40, 35, 30)
+    img += np.random.default_rng(0).normal(0, 2, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), window
 
 
 def _iou(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
@@ -101,6 +116,47 @@ class TestFindMount:
         assert back.shape == img.shape[:2]
         assert back[~cv2.dilate(truth.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)].max() == 0.0
         assert back[cv2.erode(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)].min() > 0.99
+
+    def test_straight_edges_find_a_card_close_to_the_print(self) -> None:
+        """A card a few ΔE from the print's backdrop: the rays walk on into the print and find no rim, the four
+        straight edges do. The models then see the whole scan (``crop`` off) and paste cuts to the window."""
+        scan, truth = _close_card()
+        h, w = truth.shape
+        card = mount_mod.card_mask(scan)
+        assert card is not None
+        points = mount_mod.rim_points(card)
+        assert len(points) < 0.6 * mount_mod.RAYS or mount_mod._fitted(scan, card, points) is None
+        found = find_mount(scan)
+        assert found is not None and found.kind == "rect" and not found.crop
+        assert _iou(found.window, truth) >= 0.97
+        assert found.view(scan) is scan
+        back = found.paste(np.ones((h, w), np.float32), (h, w))
+        assert back[~cv2.dilate(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)].max() < 0.01
+        assert back[cv2.erode(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)].min() > 0.99
+
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test_no_straight_window_in_a_print_without_a_card(self, seed: int) -> None:
+        """Rows of polka dots on a plain backdrop step sharply row by row, and a floor line crosses the print:
+        neither is a window (the dot rows are as strong as any edge in the band; the floor's strip is another
+        colour)."""
+        h, w = 450, 700
+        rng = np.random.default_rng(seed)
+        base = rng.uniform(80, 180, 3)
+        img = np.zeros((h, w, 3), np.float32)
+        img[...] = base
+        for y in range(12, h, 36):
+            for x in range(12, w, 36):
+                cv2.circle(img, (x, y), 9, tuple(float(v) for v in base + 50), -1)
+        cv2.ellipse(img, (w // 2, h), (w // 5, h // 2), 0, 0, 360, (30, 30, 30), -1)
+        img += rng.normal(0, 3, img.shape)
+        dots = np.clip(img, 0, 255).astype(np.uint8)
+        assert mount_mod.straight_window(dots) is None and find_mount(dots) is None
+        floor = np.zeros((h, w, 3), np.float32)
+        floor[...] = base
+        floor[int(0.85 * h):] = base * 0.6
+        cv2.ellipse(floor, (w // 2, h), (w // 5, h // 2), 0, 0, 360, (30, 30, 30), -1)
+        floor += rng.normal(0, 3, floor.shape)
+        assert mount_mod.straight_window(np.clip(floor, 0, 255).astype(np.uint8)) is None
 
     def test_paint_is_the_print_not_the_rim(self) -> None:
         """A dark print in a light card, its rim blended over a few pixels: the paint is the print's dark,
@@ -212,6 +268,22 @@ class TestFusionWithMount:
         assert sem.seen == [expected] and fine.seen == [expected]
         card = ~cv2.dilate(truth.astype(np.uint8), np.ones((13, 13), np.uint8)).astype(bool)
         assert (alpha[card].max() == 0.0) if mounts else (alpha[card].min() > 0.9)
+
+
+    def test_straight_window_is_matted_whole_and_cut(self) -> None:
+        """A window found by its straight edges alone: both models see the whole scan, and the card gets
+        alpha 0 (the fakes' bust runs on over the card below the window)."""
+        img, truth = _close_card()
+        sem, fine = _Bust("selfie"), _Bust("isnet")
+        params = FusionParams(stretch=False, tiles=False, strokes=False, denoise=False, crop_below=0.0)
+        alpha = FusionMatter(sem, fine, params, refine=False).predict(img)
+        assert sem.seen == [img.shape] and fine.seen == [img.shape]
+        bust = sem.predict(img) > 0.5
+        card = ~cv2.dilate(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        assert (bust & card).any() and alpha[card].max() < 0.01
+        inner = cv2.erode(truth.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        inner &= cv2.erode(bust.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        assert alpha[inner].min() > 0.9
 
 
 class _WindowTaker(_Recorder):
