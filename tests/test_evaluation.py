@@ -539,7 +539,7 @@ class TestFusionParts:
     def test_denoise_mattes_a_quiet_copy_when_both_models_fail(self) -> None:
         """Grain hides the subject from both (fake) models: their masks are all unsure. The fusion mattes an
         NL-means denoised copy, where they see the square; a clean scan is never matted twice, and a copy
-        that leaves the models unsure is not taken."""
+        that leaves the models unsure is not taken. Grain too coarse for that copy gives way at half size."""
         from bshm_watchd.engine.fusion import FusionMatter, FusionParams
 
         class GrainBlind(_PerImage):
@@ -572,8 +572,18 @@ class TestFusionParts:
         assert calls == 1 and lost[48, 48] < 0.6
         _, calls = run(clean, bare)
         assert calls == 1
-        still_lost, calls = run(grainy, bare, sees=0.1)  # the copy does not help: the first answer stays
-        assert calls == 2 and np.array_equal(still_lost, run(grainy, replace(bare, denoise=False), sees=0.1)[0])
+        still_lost, calls = run(grainy, bare, sees=0.1)  # the copies do not help: the first answer stays
+        assert calls == 3 and np.array_equal(still_lost, run(grainy, replace(bare, denoise=False), sees=0.1)[0])
+        # Coarse grain (2 px) that NL-means at full size leaves visible: the copy denoised at half size is
+        # matted next, where the models see the square; without it the square stays lost.
+        clean2 = np.full((192, 192, 3), 60, np.uint8)
+        clean2[48:144, 60:132] = 200
+        coarse = cv2.resize(np.random.default_rng(3).normal(0, 45, (96, 96, 3)).astype(np.float32), (192, 192))
+        coarse_scan = np.clip(clean2 + coarse, 0, 255).astype(np.uint8)
+        found, calls = run(coarse_scan, bare, sees=1.3)
+        assert calls == 3 and found[96, 96] > 0.99 and found[10, 10] < 0.01
+        lost, calls = run(coarse_scan, replace(bare, denoise_half=0.0), sees=1.3)
+        assert calls == 2 and lost[96, 96] < 0.6
 
     def test_denoised_answer_that_takes_the_frame_is_not_taken(self) -> None:
         """On the denoised copy the (fake) models are sure, but of the backdrop: their person covers 81 % of the
