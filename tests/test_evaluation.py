@@ -448,7 +448,8 @@ class TestAblation:
         fused = FusionMatter(sem, fine, FusionParams())
         variants = dict(ablations(fused))
         assert list(variants) == ["fusion no base rules", "fusion no mounts", "fusion no strokes", "fusion no denoise",
-                                  "fusion no stretch", "fusion no tiles", "fusion no people crop",
+                                  "fusion no half denoise", "fusion no stretch", "fusion no tiles",
+                                  "fusion no people crop",
                                   "fusion no fill", "fusion no cut", "fusion no gate", "fusion no extend",
                                   "fusion no complete", "fusion no prune", "fusion no steepen",
                                   "fusion no band refine",
@@ -459,6 +460,8 @@ class TestAblation:
         assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
         pick = variants["fusion pick only"]
         assert not variants["fusion no denoise"].params.denoise
+        half = variants["fusion no half denoise"].params
+        assert fused.params.denoise_half > 0 and half.denoise and half.denoise_half == 0
         assert fused.params.crop_below > 0 and variants["fusion no people crop"].params.crop_below == 0
         for plain in (variants["fusion no base rules"].params, pick.params):
             assert plain.prefer_fine[0] > 1.0 and plain.small_base[0] == 0.0

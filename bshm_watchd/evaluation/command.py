@@ -46,6 +46,7 @@ def ablations(fused: Matter) -> list[tuple[str, Matter]]:
     variants = [("no base rules", plain, True),
                 ("no mounts", replace(p, mounts=False), True), ("no strokes", replace(p, strokes=False), True),
                 ("no denoise", replace(p, denoise=False), True),
+                ("no half denoise", replace(p, denoise_half=0.0), True),
                 ("no stretch", replace(p, stretch=False), True), ("no tiles", replace(p, tiles=False), True),
                 ("no people crop", replace(p, crop_below=0.0), True),
                 ("no fill", replace(p, fill=False), True),
