@@ -24,9 +24,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
 6. before all this, a card mount is looked for (``mount``): a window is matted as a crop of its box,
    an oval one with the card painted out, and the matte is cut to the window; an oval found only
    afterwards, because isnet's matte is the window itself, is matted again the same way; a model's
-   matte that covers the
-   window almost whole, or most of it where the other model's covers far less (it took the print for
-   the subject), is dropped, as if it had found no one.
+   matte that covers the window almost whole, or most of it where the other model's covers far less (it
+   took the print for the subject), is dropped, as if it had found no one.
 7. a matte of isnet's made of thin strokes means it matted scratches or cracks: they are inpainted
    and both models run again (``scratches``); when both models fail (neither is confident), heavy
    grain or a busy texture hid the subject: an NL-means denoised copy is matted again (``denoise``),
@@ -114,6 +113,7 @@ class FusionParams:
     the first copy's is, it also turned s13-021 401 → 92 but s1-017 17 → 403 (selfie's answer half the frame);
     0 turns it off."""
     denoise_half_h: float = 15.0
+    """NL-means filter strength of the half-size copy (its grain is already halved)."""
     fill: bool = True
     """Step 2 (agreed person → 1); off only to measure what it brings."""
     cut: bool = True

@@ -15,7 +15,8 @@ the pixels outside it are card. Then:
   window. Seen with the card, isnet took a dark print in a light card for the subject and its answer was
   dropped (s14-021: 353 with the card in sight, 45 on the box). On 450 eval composites (15 seeds) the
   box moved 23 scans by more than 2: 14 better, 9 worse, mean SAD 23.96 → 22.81. Choosing per model the
-  more trusted of the two views measured no better (22.82) for two more model calls a scan.
+  more trusted of the two views measured no better (22.82) for two more model calls a scan. A window
+  found only by its straight edges, where the rays lose the card, is just cut to (``straight_window``).
 
 Nothing is found (``None``) for scans without a uniform card at all four corners. When card and print
 share one tone the rim cannot be seen in colour; then the model's own matte gives the oval away: a
@@ -58,6 +59,9 @@ FIT_PASSES = (8.0, 4.0, 2.0, 1.0, 1.0)
 """The ellipse fit's inlier tolerance in each pass, in units of ``ON_RIM``: wide at first, since the first
 fit takes every rim point, the rays a crack or a stain on the card stopped early included."""
 FILLED = 0.92
+OUTVOTED = (0.8, 0.6)
+"""A matte covering at least the first share of the window while the other model's covers under the second
+took the print for the subject too (see ``Mount.outvoted``)."""
 STRAIGHT_SPAN = 0.25
 """How deep into the scan (fraction of the side across) each side's card band and edge are looked for."""
 STRAIGHT_BAND = 0.9
@@ -66,9 +70,7 @@ STRAIGHT_STEP = (4.0, 1.5)
 """A window's straight edge: its median colour step (Lab) at least the first, and at least the second times
 the 90th percentile of the card band's own steps (grain, dust)."""
 STRAIGHT_MIN_BAND = 0.01
-OUTVOTED = (0.8, 0.6)
-"""A matte covering at least the first share of the window while the other model's covers under the second
-took the print for the subject too (see ``Mount.outvoted``)."""
+"""The narrowest card band a straight-edged window is taken with (fraction of the longer side)."""
 MIN_WINDOW_AREA = 0.2
 MIN_WINDOW_IOU = 0.97
 WINDOW_RETRY = (0.85, 0.012)
@@ -297,8 +299,9 @@ def find_mount(rgb: RGB8) -> Mount | None:
     if found is not None:
         return found
     window = straight_window(rgb)
-    outside = 0.0 if window is None else float(1 - cv2.dilate(window, np.ones((7, 7), np.uint8)).mean())
-    return replace(_mount("rect", window, rgb), crop=False) if window is not None and outside >= 0.02 else None
+    if window is None or cv2.dilate(window, np.ones((7, 7), np.uint8)).mean() > 0.98:
+        return None  # no window, or next to no card outside it
+    return replace(_mount("rect", window, rgb), crop=False)
 
 
 def _fitted(rgb: RGB8, card: Mask, points: npt.NDArray[np.float32]) -> Mount | None:
