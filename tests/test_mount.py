@@ -286,6 +286,17 @@ class TestFusionWithMount:
         assert alpha[inner].min() > 0.9
 
 
+    @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (8, 8), (12, 300), (300, 12), (3, 500)])
+    def test_tiny_scans_are_matted(self, hw: tuple[int, int]) -> None:
+        """A scan a few pixels across (a thumbnail dropped by mistake) has no mount looked for and is matted
+        like any other: the ray walk divided by zero at 2 × 2, and a straight edge's band was empty at 8 × 8."""
+        rng = np.random.default_rng(0)
+        for img in (np.full((*hw, 3), 150, np.uint8), rng.integers(0, 256, (*hw, 3), dtype=np.uint8)):
+            assert find_mount(img) is None and mount_mod.straight_window(img) is None
+            alpha = FusionMatter(_Bust("selfie"), _Bust("isnet"), FusionParams(), refine=True).predict(img)
+            assert alpha.shape == hw and np.isfinite(alpha).all()
+
+
 class _WindowTaker(_Recorder):
     """A fake isnet that, like the real one on a mount it cannot see, mattes the oval window itself."""
 

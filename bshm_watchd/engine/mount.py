@@ -62,6 +62,9 @@ FILLED = 0.92
 OUTVOTED = (0.8, 0.6)
 """A matte covering at least the first share of the window while the other model's covers under the second
 took the print for the subject too (see ``Mount.outvoted``)."""
+MIN_SIDE = 32
+"""Scans narrower than this (pixels, either side) have no mount looked for: the corner patches, rays and
+bands need room (an 8 × 8 scan left a straight edge's band empty and the fusion failed)."""
 STRAIGHT_SPAN = 0.25
 """How deep into the scan (fraction of the side across) each side's card band and edge are looked for."""
 STRAIGHT_BAND = 0.9
@@ -254,6 +257,8 @@ def straight_window(rgb: RGB8) -> npt.NDArray[np.uint8] | None:
     to the window, 22.81 → 22.70 (s12-004 60 → 14, s4-019 20 → 16, no case worse by more than 2): ``crop`` off.
     """
     h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        return None
     side = max(h, w)
     lab = cv2.cvtColor(cv2.GaussianBlur(rgb, (0, 0), 1.5), cv2.COLOR_RGB2LAB).astype(np.float32)
     k = 2  # the step is taken between rows i and i + 2k, the edge lying between them
@@ -291,6 +296,8 @@ def straight_window(rgb: RGB8) -> npt.NDArray[np.uint8] | None:
 
 def find_mount(rgb: RGB8) -> Mount | None:
     """The scan's card mount, or None: rim points fitted by an oval or a rectangle, else four straight edges."""
+    if min(rgb.shape[:2]) < MIN_SIDE:
+        return None
     card = card_mask(rgb)
     if card is None:
         return None
