@@ -25,7 +25,7 @@ matte that is an almost perfect large ellipse is the window, not a person (``win
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import cv2
@@ -161,10 +161,18 @@ class Mount:
         return out
 
 
-def card_mask(rgb: RGB8) -> Mask | None:
-    """Pixels of the corners' common colour; None when the four corners disagree (no card)."""
+def _lab(rgb: RGB8) -> npt.NDArray[np.float32]:
+    """The scan in Lab, lightly blurred (grain), as the card's colour is judged in."""
+    lab: npt.NDArray[np.float32] = cv2.cvtColor(cv2.GaussianBlur(rgb, (0, 0), 1.5), cv2.COLOR_RGB2LAB).astype(
+        np.float32)
+    return lab
+
+
+def card_mask(rgb: RGB8, lab: npt.NDArray[np.float32] | None = None) -> Mask | None:
+    """Pixels of the corners' common colour; None when the four corners disagree (no card). ``lab``: the
+    scan's ``_lab``, when the caller has it already."""
     h, w = rgb.shape[:2]
-    lab = cv2.cvtColor(cv2.GaussianBlur(rgb, (0, 0), 1.5), cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab = _lab(rgb) if lab is None else lab
     c = max(4, int(CORNER * max(h, w)))
     patches = [lab[:c, :c], lab[:c, -c:], lab[-c:, :c], lab[-c:, -c:]]
     medians = np.array([np.median(p.reshape(-1, 3), axis=0) for p in patches])
@@ -240,7 +248,7 @@ def _fit_rect(points: npt.NDArray[np.float32], centre: tuple[float, float], side
     return float(((dist < tol) & inside).mean()), (x0, y0, x1, y1)
 
 
-def straight_window(rgb: RGB8) -> npt.NDArray[np.uint8] | None:
+def straight_window(rgb: RGB8, lab: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.uint8] | None:
     """A rectangular window found by its four straight edges, where the rays lost the card: a card close to
     the print's backdrop in colour (the rays walked on into the print) or darkened towards the corners by a
     vignette (the corners' colour no longer matched the card beside the window). Each side is turned to the
@@ -260,7 +268,7 @@ def straight_window(rgb: RGB8) -> npt.NDArray[np.uint8] | None:
     if min(h, w) < MIN_SIDE:
         return None
     side = max(h, w)
-    lab = cv2.cvtColor(cv2.GaussianBlur(rgb, (0, 0), 1.5), cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab = _lab(rgb) if lab is None else lab
     k = 2  # the step is taken between rows i and i + 2k, the edge lying between them
     edges, strips = [], []
     for turn in range(4):  # top, right, bottom, left, each turned to the top
@@ -298,17 +306,18 @@ def find_mount(rgb: RGB8) -> Mount | None:
     """The scan's card mount, or None: rim points fitted by an oval or a rectangle, else four straight edges."""
     if min(rgb.shape[:2]) < MIN_SIDE:
         return None
-    card = card_mask(rgb)
+    lab = _lab(rgb)
+    card = card_mask(rgb, lab)
     if card is None:
         return None
     points = rim_points(card)
     found = _fitted(rgb, card, points) if len(points) >= 0.6 * RAYS else None
     if found is not None:
         return found
-    window = straight_window(rgb)
+    window = straight_window(rgb, lab)
     if window is None or cv2.dilate(window, np.ones((7, 7), np.uint8)).mean() > 0.98:
         return None  # no window, or next to no card outside it
-    return replace(_mount("rect", window, rgb), crop=False)
+    return _mount("rect", window, rgb, crop=False)
 
 
 def _fitted(rgb: RGB8, card: Mask, points: npt.NDArray[np.float32]) -> Mount | None:
@@ -366,13 +375,13 @@ def _ellipse_fit(mask: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.uint8], fl
     return window, float((window & mask).sum() / max(1, (window | mask).sum()))
 
 
-def _mount(kind: Literal["oval", "rect"], window: npt.NDArray[np.uint8], rgb: RGB8) -> Mount:
+def _mount(kind: Literal["oval", "rect"], window: npt.NDArray[np.uint8], rgb: RGB8, *, crop: bool = True) -> Mount:
     side = max(rgb.shape[:2])
     ring = cv2.erode(window, disc(FILL_RING[0] * side)).astype(bool) & \
         ~cv2.erode(window, disc(FILL_RING[1] * side)).astype(bool)
     ys, xs = np.nonzero(window)
     return Mount(kind=kind, window=window.astype(bool),
-                 box=(int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1), ring=ring)
+                 box=(int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1), ring=ring, crop=crop)
 
 
 def continued(rgb: RGB8, known: Mask) -> RGB8:
