@@ -57,13 +57,25 @@ def build_matter(name: str, store: ModelStore, *, device: str = "auto", threads:
         from bshm_watchd.engine.fusion import FusionMatter
 
         return FusionMatter(build_matter("selfie", store, device=dev, threads=threads),
-                            _isnet(store, dev, threads, cpu_runtime))
+                            _isnet(store, dev, threads, cpu_runtime), matting=_rvm(store, dev, threads))
     if name == "bshm":
         from bshm_watchd.engine.bshm_tf import BshmMatter
 
         # TensorFlow finds its own GPUs; torch's view (resolve_device) is irrelevant here.
         return BshmMatter(store.path("bshm"), device=device, threads=threads)
     raise ModelError(f"unknown model {name!r}")
+
+
+def _rvm(store: ModelStore, device: str, threads: int | None) -> Matter | None:
+    """The fusion's human matting model, or None (with a warning) where it or torch is not installed: the
+    fusion then runs on selfie and isnet alone, as before rvm was added."""
+    try:
+        path = store.path("rvm")
+        from bshm_watchd.engine.rvm import RvmMatter
+    except (ModelError, ImportError) as exc:
+        log.warning("fusion_without_rvm", reason=str(exc))
+        return None
+    return RvmMatter(path, device=device, threads=threads)
 
 
 def _isnet(store: ModelStore, device: str, threads: int | None, cpu_runtime: str) -> Matter:

