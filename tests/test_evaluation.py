@@ -444,10 +444,11 @@ class TestAblation:
             def predict(self, rgb: np.ndarray) -> np.ndarray:
                 return np.full(rgb.shape[:2], 0.5, np.float32)
 
-        sem, fine = Flat(), Flat()
-        fused = FusionMatter(sem, fine, FusionParams())
+        sem, fine, third = Flat(), Flat(), Flat()
+        fused = FusionMatter(sem, fine, FusionParams(), matting=third)
         variants = dict(ablations(fused))
-        assert list(variants) == ["fusion no base rules", "fusion no mounts", "fusion no strokes", "fusion no denoise",
+        assert list(variants) == ["fusion no base rules", "fusion no rvm", "fusion no mounts", "fusion no strokes",
+                                  "fusion no denoise",
                                   "fusion no half denoise", "fusion no stretch", "fusion no tiles",
                                   "fusion no people crop",
                                   "fusion no fill", "fusion no cut", "fusion no gate", "fusion no extend",
@@ -455,7 +456,8 @@ class TestAblation:
                                   "fusion no band refine",
                                   "fusion pick only"]
         for v in variants.values():
-            assert isinstance(v, FusionMatter) and v.semantic is sem and v.fine is fine
+            assert isinstance(v, FusionMatter) and v.semantic is sem and v.fine is fine and v.matting is third
+        assert not variants["fusion no rvm"].params.matting and variants["fusion no rvm"].params.mounts
         assert not variants["fusion no mounts"].params.mounts and variants["fusion no mounts"].params.fill
         assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
         pick = variants["fusion pick only"]
@@ -469,7 +471,7 @@ class TestAblation:
                     or pick.params.tiles or pick.params.crop_below or pick.params.fill or pick.params.cut
                     or pick.params.gate
                     or pick.params.extend or pick.params.complete or pick.params.prune or pick.params.steepen != 1.0
-                    or pick.refine)
+                    or pick.params.matting or pick.refine)
         assert not variants["fusion no complete"].params.complete and variants["fusion no complete"].params.extend
         assert not variants["fusion no prune"].params.prune and variants["fusion no prune"].params.complete
         with pytest.raises(TypeError, match="fusion"):

@@ -43,7 +43,7 @@ def ablations(fused: Matter) -> list[tuple[str, Matter]]:
         raise TypeError(f"--ablate needs the fusion model, got {fused.name}")
     p = fused.params
     plain = replace(p, prefer_fine=(1.01, 0.0), small_base=(0.0, 1.01))  # no base-choice exception applies
-    variants = [("no base rules", plain, True),
+    variants = [("no base rules", plain, True), ("no rvm", replace(p, matting=False), True),
                 ("no mounts", replace(p, mounts=False), True), ("no strokes", replace(p, strokes=False), True),
                 ("no denoise", replace(p, denoise=False), True),
                 ("no half denoise", replace(p, denoise_half=0.0), True),
@@ -57,8 +57,8 @@ def ablations(fused: Matter) -> list[tuple[str, Matter]]:
                 ("no band refine", p, False),
                 ("pick only", replace(plain, mounts=False, strokes=False, denoise=False, stretch=False, tiles=False,
                                       crop_below=0.0, fill=False, cut=False, gate=False, extend=False,
-                                      complete=False, prune=False, steepen=1.0), False)]
-    return [(f"fusion {name}", FusionMatter(fused.semantic, fused.fine, params, refine=refine))
+                                      complete=False, prune=False, steepen=1.0, matting=False), False)]
+    return [(f"fusion {name}", FusionMatter(fused.semantic, fused.fine, params, refine=refine, matting=fused.matting))
             for name, params, refine in variants]
 
 
