@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (optional 'g
 
 import cv2  # noqa: E402
 
-from bshm_watchd.engine.rvm import RvmMatter  # noqa: E402
+from bshm_watchd.engine.rvm import RvmMatter, downsample_ratio  # noqa: E402
 from bshm_watchd.engine.tfjs_graph import TfjsGraph  # noqa: E402
 from bshm_watchd.errors import ModelError  # noqa: E402
 from bshm_watchd.modelstore import ModelStore, default_model_dir  # noqa: E402
@@ -389,10 +389,10 @@ def test_rvm_matches_tensorflow() -> None:
     for h, w in ((320, 240), (241, 317)):
         rgb = _test_image(h, w)
         rgb01 = rgb.astype(np.float32) / 255.0
-        alpha = matter.predict(rgb)  # ratio 1: no resize, no guided filter
+        alpha = matter.predict(rgb)  # at the ratio predict picks (0.8 for 320 px: downsampled, guided filter)
         assert alpha.shape == (h, w) and alpha.dtype == np.float32
         assert 0.1 < (alpha > 0.5).mean() < 0.6  # the drawn person is found, the background is not
-        assert np.abs(alpha - np.clip(reference(rgb01, 1.0), 0, 1)).max() <= 2e-3
+        assert np.abs(alpha - np.clip(reference(rgb01, downsample_ratio(h, w)), 0, 1)).max() <= 2e-3
         # ratio 0.5: the downsampled path and the fast guided filter
         (pha,) = matter._graph.run(
             {
@@ -418,3 +418,11 @@ def test_rvm_load_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.zip").write_bytes(empty.getvalue())
     with pytest.raises(ModelError, match=r"one \.json"):
         RvmMatter(tmp_path / "empty.zip")
+
+
+def test_downsample_ratio() -> None:
+    """RVM_RATIO of the image, but a copy of at least RVM_MIN_SIDE px (or the image itself)."""
+    assert downsample_ratio(683, 1024) == pytest.approx(0.3)
+    assert downsample_ratio(1080, 1920) == pytest.approx(0.3)
+    assert downsample_ratio(240, 320) == pytest.approx(0.8)
+    assert downsample_ratio(100, 200) == 1.0
