@@ -32,7 +32,9 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    and if its answer is not taken, a copy denoised at half size; an answer is taken only when one of
    its voices is confident and neither takes most of the frame.
 8. every model call is made twice, on the view and on an autocontrast copy (faded prints stretched to
-   full range), and the more confident answer is that model's voice.
+   full range), and the more confident answer is that model's voice; where a human matting model (rvm)
+   is installed it answers too, and its voice replaces isnet's where it is more trusted and covers under
+   ``matting_cover`` of the view (isnet's own voice still decides the window-in-matte and strokes retries).
 9. on a long scan the semantic model also sees square tiles; their merged answer replaces its own
    where it is more trusted and agrees with isnet at least as well (``tiles``).
 10. last, a small sitter (the people's box, grown by a margin, under ``crop_below`` of the scan) is
@@ -325,7 +327,7 @@ class _Answer:
 
 
 class FusionMatter:
-    """The default model: ``fuse(selfie, isnet)``."""
+    """The default model: ``fuse(selfie, isnet)``, with rvm's answer in isnet's place where it is more trusted."""
 
     name = "fusion"
 
@@ -441,7 +443,8 @@ class FusionMatter:
                 found = window_in_matte(isnet[i], im) if mounts[i] is None else None
                 if found is not None:
                     mounts[i], views[i] = found, found.view(im)
-                    (sem[i],), (fine[i],) = self._voices([views[i]])
+                    (sem[i],), (isnet[i],), again = self._answers([views[i]])
+                    (fine[i],) = _more_trusted([isnet[i]], again, self.params)
         if self.params.strokes:  # isnet matted scratches or cracks: paint them out and matte again
             for i, view in enumerate(views):
                 clean = without_strokes(view, isnet[i])
