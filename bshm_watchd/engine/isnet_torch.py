@@ -233,7 +233,8 @@ def load_isnet(path: Path) -> ISNetDIS:
 
 
 
-def _resolve_device(device: str) -> torch.device:
+def torch_device(device: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device, checked against the GPUs torch sees."""
     if not DEVICE_RE.fullmatch(device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device == "auto":
@@ -264,7 +265,7 @@ class TorchIsnetMatter:
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = _resolve_device(device)
+        self.device = torch_device(device)
         on_cuda = self.device.type == "cuda"
         self.fp16 = on_cuda if fp16 is None else fp16
         if bf16 and (on_cuda or self.fp16):

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bshm_watchd.engine.base import DEVICE_RE, RGB8, Alpha
+from bshm_watchd.engine.base import RGB8, Alpha
+from bshm_watchd.engine.isnet_torch import torch_device
 from bshm_watchd.engine.tfjs_graph import TfjsGraph
-from bshm_watchd.errors import ConfigError, ModelError, ScanError
+from bshm_watchd.errors import ModelError, ScanError
 
 RVM_RATIO = 0.3
 """The scale of the copy the encoder/decoder see; the guided filter restores the full size. Eval (the fusion,
@@ -36,18 +37,9 @@ def downsample_ratio(h: int, w: int) -> float:
     """The network's ``downsample_ratio`` for an h × w image."""
     return min(1.0, max(RVM_RATIO, RVM_MIN_SIDE / max(h, w)))
 
+
 _PHA = "Identity_1:0"
 """The alpha output when the model's signature does not name ``pha``."""
-
-
-def _device(device: str) -> torch.device:
-    if not DEVICE_RE.fullmatch(device):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but torch sees no CUDA device")
-    return torch.device(device)
 
 
 class RvmMatter:
@@ -60,7 +52,7 @@ class RvmMatter:
             torch.set_num_threads(threads)
         if not model_path.is_file():
             raise ModelError(f"rvm model not found at {model_path}")
-        self.device = _device(device)
+        self.device = torch_device(device)
         self._graph = TfjsGraph.from_zip(model_path, device=self.device)
         self._pha = self._graph.outputs.get("pha", _PHA)
         self._zero = torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=self.device)
