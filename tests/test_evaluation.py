@@ -719,6 +719,49 @@ class TestFusionParts:
         sharp, sem = run(replace(bare, crop_below=0.4), sees_from=0.01)  # both models sure: no second pass
         assert len(sem.seen) == 1 and np.abs(sharp - truth).mean() < 0.002
 
+    def test_a_crop_no_more_trusted_than_the_first_pass_is_not_taken(self) -> None:
+        """The crop's answer replaces the first pass only when its weaker voice is trusted more than the first
+        pass's was, and at least ``crop_trusted``: a crop in which a model still fails is no better evidence
+        than the whole scan (eval, s13-000: 73.4 SAD with such a crop, 5.8 without; s4-005 at full size,
+        a crop trusted 0.11 after a first pass trusted 0: 290.9 with it, 26.6 without)."""
+        from bshm_watchd.engine.fusion import FusionMatter, FusionParams
+
+        class Unsure(_PerImage):
+            """Semantic: never sure of the bright person. Fine: sure of it on the scan; in a crop, unsure
+            (``crop_sure`` False) or sure."""
+
+            name = "unsure"
+
+            def __init__(self, fine: bool, crop_sure: bool) -> None:
+                self.fine, self.crop_sure, self.seen = fine, crop_sure, []  # type: list[tuple[int, ...]]
+
+            def predict(self, rgb: np.ndarray) -> np.ndarray:
+                self.seen.append(rgb.shape)
+                person = (rgb[..., 0] > 128).astype(np.float32)
+                if rgb.shape[0] == 400:  # the scan
+                    return 0.7 * person if not self.fine else person
+                return person if self.crop_sure else 0.6 * person  # 0.6, 0.7: every pixel unsure, trust 0
+
+        scan = np.full((400, 400, 3), 60, np.uint8)
+        scan[260:360, 300:340] = 200  # 2.5 % of the scan
+        bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, denoise=False, steepen=1.0,
+                            crop_below=0.4)
+
+        def run(params: FusionParams, crop_sure: bool) -> tuple[np.ndarray, Any]:
+            sem = Unsure(False, crop_sure)
+            return FusionMatter(sem, Unsure(True, crop_sure), params, refine=False).predict(scan), sem
+
+        first, sem = run(replace(bare, crop_below=0.0), False)
+        assert len(sem.seen) == 1 and first[300, 320] > 0.5
+        tried, sem = run(bare, False)
+        assert len(sem.seen) == 2  # the crop was matted ...
+        assert np.array_equal(tried, first)  # ... and, trusted no more (0 both times), not taken
+        sure, sem = run(bare, True)  # both voices sure in the crop: taken ...
+        assert len(sem.seen) == 2 and not np.array_equal(sure, first)
+        assert sure[300, 320] == 1.0 and sure[100, 100] == 0.0
+        floor, sem = run(replace(bare, crop_trusted=1.01), True)  # ... unless trusted under crop_trusted
+        assert len(sem.seen) == 2 and np.array_equal(floor, first)
+
     def test_a_crop_that_cuts_the_person_is_grown_once(self) -> None:
         """The crop's matte running into an edge the crop cut through the scan means the box was too small:
         that side is grown by the margin; an edge that is the scan's own edge does not count."""

@@ -42,7 +42,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    ``crop_failed``): in the crop both models see the person larger. isnet took a small sitter's whole
    print for the subject, and selfie, at 256², is unsure of a person a few per cent of its input. The
    box is where selfie put the person; a crop whose matte runs into a side the crop cut is grown on
-   that side and tried once more, and otherwise the first answer stays.
+   that side and tried once more, and otherwise the first answer stays. The crop's answer is taken only
+   when its weaker voice is trusted more than the first pass's was (and at least ``crop_trusted``).
 
 Step 5 lives here, not in the generic finishing stage: it is what turns two segmenters into a
 matte, and it costs CPU (0.13 s a scan on average) that the single-model paths need not pay.
@@ -169,6 +170,9 @@ class FusionParams:
     crop_failed: float = 0.5
     """... and only when a voice of the first pass is trusted less than this: one model failed there. Where
     both were sure, a crop changed their answers about as often for the worse as for the better."""
+    crop_trusted: float = 0.2
+    """A crop's answer is taken only when its weaker voice is trusted more than the first pass's was, and at
+    least this much: a crop in which a model still fails is no better evidence than the whole scan."""
     crop_margin: float = 0.3
     """Growth of the people's box on each side, as a fraction of its longer side (at least 2 % of the scan's)."""
     crop_cut: float = 0.05
@@ -426,7 +430,8 @@ class FusionMatter:
             for (i, box), answer in zip(pending, crops, strict=True):
                 sides = cut_sides(answer.alpha, box, images[i].shape[:2], p)
                 if not sides:
-                    out[i] = paste(answer.alpha, box, images[i].shape[:2])
+                    if answer.weakest > first[i].weakest and answer.weakest >= p.crop_trusted:
+                        out[i] = paste(answer.alpha, box, images[i].shape[:2])
                 elif attempt == 0:
                     again.append((i, grown(box, sides, images[i].shape[:2], p)))
             pending = again
