@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The product on a lent GPU machine in two calls: the torch ISNet's GPU tests, `eval` and `bench` on cuda
+# The product on a lent GPU machine in two calls: the torch ISNet's and rvm's GPU tests, rvm's parity and
+# speed (benchmarks/rvm_device.py), `eval` and `bench` on cuda
 # against cpu on the same machine, then gpu_check.py (parity, ms/img by batch, end-to-end scans/s).
 #
 # The device tool moves at most 64 MiB a call and has no package index, so what the machine lacks travels
@@ -27,7 +28,7 @@ pack() {
     head -c "$half" "$G/isnet.xz" >"$G/isnet.xz.1"
     tail -c +"$((half + 1))" "$G/isnet.xz" >"$G/isnet.xz.2"
     rm "$G/isnet.xz"
-    cp "$src/selfie.tflite" "$G/models/"
+    cp "$src/selfie.tflite" "$src/rvm.zip" "$G/models/"
     cp -r "$data/portraits/image" "$data/portraits/alpha" "$G/data/"
     cp "$data"/old_photos/deoldify__*.jpg "$G/data/old/" 2>/dev/null
     ls "$G"/data/old/* | tail -n +11 | xargs -r rm  # the first 10, as the CPU bench uses
@@ -43,7 +44,7 @@ pack() {
 }
 
 receive() {
-    for p in "$G/isnet.xz.1" "$G/models/selfie.tflite" "$G/data/image"; do
+    for p in "$G/isnet.xz.1" "$G/models/selfie.tflite" "$G/models/rvm.zip" "$G/data/image"; do
         test -e "$p" || { echo "no $p: carry it in this call" >&2; exit 2; }
     done
     du -sh "$G"/*
@@ -117,8 +118,11 @@ run() {
     for dev in $DEVICES; do
         printf 'device: %s\ncpu_runtime: onnxruntime\nworkers: 0\n' "$dev" >"$G/eval_$dev.yaml"
     done
-    section "pytest (torch ISNet, bench)" 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_isnet_torch.py \
-        tests/test_bench.py
+    section "pytest (torch ISNet, rvm, bench)" 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_isnet_torch.py \
+        tests/test_tfjs_graph.py tests/test_fusion_matting.py tests/test_bench.py
+    local smoke_arg=()
+    ((smoke)) && smoke_arg=(--cpu-smoke)
+    section "rvm cuda vs cpu" 60 $PY benchmarks/rvm_device.py "${smoke_arg[@]}" "$G"/data/old/*
     for dev in $DEVICES; do
         local base=()
         [ "$dev" = cuda ] && base=(--baseline)

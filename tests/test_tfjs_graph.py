@@ -405,6 +405,23 @@ def test_rvm_matches_tensorflow() -> None:
         assert np.abs(pha[0, :, :, 0].numpy() - reference(rgb01, 0.5)).max() <= 2e-3
 
 
+@pytest.mark.models
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: rvm's GPU path is checked on a GPU host")
+@pytest.mark.skipif(RVM_ZIP is None, reason="the rvm model is not fetched (bshm-watchd models fetch rvm)")
+def test_rvm_on_cuda_matches_cpu() -> None:
+    """The same graph on cuda (its constants placed there once; shape arithmetic on the CPU) gives the CPU's
+    matte, within what TF32 convolutions change; and it returns a float32 matte on the host."""
+    assert RVM_ZIP is not None
+    cpu, cuda = RvmMatter(RVM_ZIP, device="cpu"), RvmMatter(RVM_ZIP, device="cuda")
+    assert cuda.device.type == "cuda"
+    for h, w in ((320, 240), (683, 1024)):
+        rgb = _test_image(h, w)
+        a, b = cpu.predict(rgb), cuda.predict(rgb)
+        assert b.shape == (h, w) and b.dtype == np.float32
+        assert 0.1 < (b > 0.5).mean() < 0.6
+        assert np.abs(a - b).max() <= 2e-2 and np.abs(a - b).mean() <= 1e-3
+
+
 def test_rvm_load_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
         RvmMatter(tmp_path / "absent.zip")

@@ -60,7 +60,8 @@ class RvmMatter:
     def predict(self, rgb: RGB8) -> Alpha:
         h, w = rgb.shape[:2]
         ratio = downsample_ratio(h, w)
-        src = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.uint8)).to(self.device)
+        # a copy only where the scan is read-only (the pipeline's analysis copy can be): torch warns on those
+        src = torch.from_numpy(np.require(rgb, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])).to(self.device)
         z = self._zero
         feeds = {
             "src": (src.float() / 255.0)[None],
