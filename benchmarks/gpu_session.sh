@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The product on a lent GPU machine in two calls: the torch ISNet's and rvm's GPU tests, rvm's parity and
-# speed (benchmarks/rvm_device.py), `eval` and `bench` on cuda
+# speed (benchmarks/rvm_device.py, rvm_cold.py), `eval` and `bench` on cuda
 # against cpu on the same machine, then gpu_check.py (parity, ms/img by batch, end-to-end scans/s).
 #
 # The device tool moves at most 64 MiB a call and has no package index, so what the machine lacks travels
@@ -123,6 +123,10 @@ run() {
     local smoke_arg=()
     ((smoke)) && smoke_arg=(--cpu-smoke)
     section "rvm cuda vs cpu" 60 $PY benchmarks/rvm_device.py "${smoke_arg[@]}" "$G"/data/old/*
+    local cold_dev=cuda
+    ((smoke)) && cold_dev=cpu
+    section "rvm at new sizes, cudnn on/off" 90 $PY benchmarks/rvm_cold.py --model "$G/models/rvm.zip" \
+        --device "$cold_dev" "$G"/data/old/*
     for dev in $DEVICES; do
         local base=()
         [ "$dev" = cuda ] && base=(--baseline)

@@ -22,7 +22,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bshm_watchd.engine.rvm import RvmMatter
-from bshm_watchd.modelstore import ModelStore, default_model_dir
 
 
 def _load(path: Path, side: int = 1024) -> np.ndarray:
@@ -52,7 +51,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args()
-    model = args.model or ModelStore(default_model_dir()).path("rvm")
+    if args.model is None:
+        from bshm_watchd.modelstore import ModelStore, default_model_dir
+
+        args.model = ModelStore(default_model_dir()).path("rvm")
+    model = args.model
     cpu = RvmMatter(model, device="cpu")
     other = RvmMatter(model, device="cpu" if args.cpu_smoke else "cuda")
     rows = []

@@ -422,6 +422,28 @@ def test_rvm_on_cuda_matches_cpu() -> None:
         assert np.abs(a - b).max() <= 2e-2 and np.abs(a - b).mean() <= 1e-3
 
 
+@pytest.mark.models
+@pytest.mark.skipif(RVM_ZIP is None, reason="the rvm model is not fetched (bshm-watchd models fetch rvm)")
+def test_rvm_runs_without_cudnn_unless_asked() -> None:
+    """cuDNN re-plans at every new input shape (2.2 s a first call on an H200, against 24 ms without it), so
+    the graph runs with it off by default; the process-wide flag is back as it was afterwards."""
+    assert RVM_ZIP is not None
+    seen: list[bool] = []
+    for asked in (False, True):
+        matter = RvmMatter(RVM_ZIP, cudnn=asked)
+        run = matter._graph.run
+
+        def spy(*a: Any, _run: Any = run, **kw: Any) -> Any:
+            seen.append(torch.backends.cudnn.enabled)
+            return _run(*a, **kw)
+
+        matter._graph.run = spy  # type: ignore[method-assign]
+        before = torch.backends.cudnn.enabled
+        assert matter.predict(_test_image(64, 48)).shape == (64, 48)
+        assert torch.backends.cudnn.enabled == before
+    assert seen == [False, True]
+
+
 def test_rvm_load_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
         RvmMatter(tmp_path / "absent.zip")

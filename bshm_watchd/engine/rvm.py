@@ -47,7 +47,8 @@ class RvmMatter:
 
     name = "rvm"
 
-    def __init__(self, model_path: Path, *, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, *, device: str = "cpu", threads: int | None = None,
+                 cudnn: bool = False) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         if not model_path.is_file():
@@ -56,6 +57,8 @@ class RvmMatter:
         self._graph = TfjsGraph.from_zip(model_path, device=self.device)
         self._pha = self._graph.outputs.get("pha", _PHA)
         self._zero = torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=self.device)
+        self.cudnn = cudnn
+        """cuDNN for this network's convolutions: off unless asked (see ``predict``)."""
 
     def predict(self, rgb: RGB8) -> Alpha:
         h, w = rgb.shape[:2]
@@ -72,7 +75,13 @@ class RvmMatter:
             "downsample_ratio": torch.tensor(ratio, dtype=torch.float32),
         }
         try:
-            (pha,) = self._graph.run(feeds, [self._pha])
+            # cuDNN picks its kernels anew for each input shape it has not seen, and scans come in many sizes:
+            # on an H200 a first call at a new shape took 2.2 s with cuDNN (median of 10; 23 ms once seen) and
+            # 24 ms without it, where a second call took 22 ms (benchmarks/rvm_cold.py). Off here, for this
+            # network only; the flag is process-wide, so isnet, if called from another thread meanwhile, runs
+            # without cuDNN too (correct, a little slower).
+            with torch.backends.cudnn.flags(enabled=self.cudnn):
+                (pha,) = self._graph.run(feeds, [self._pha])
             out = pha[0, :, :, 0].float().clamp(0.0, 1.0).cpu().numpy()
         except torch.cuda.OutOfMemoryError as exc:
             raise ScanError(f"rvm: CUDA out of memory: {exc}", stage="matting", transient=True) from exc
