@@ -81,6 +81,22 @@ class TestMattingVoice:
         vague = np.clip(box(20, 90, 20, 80) * 0.6 + 0.2, 0, 1).astype(np.float32)
         assert np.array_equal(fused(sem, fine, vague), fused(sem, fine, None))
 
+    def test_extend_adds_only_small_regions_to_the_matting_voice(self) -> None:
+        """selfie is sure of the sitter, of a shirt below it and of a backdrop region beside it as large as the
+        sitter; rvm (the fine voice, isnet failed) has the sitter alone. Extend adds the shirt, a quarter
+        of the sitter's area, but not the backdrop region (``extend_matting_max``); to isnet's voice, or
+        with the bound lifted, it adds both."""
+        person, shirt, beside = box(20, 60, 30, 60), box(60, 70, 32, 58), box(20, 55, 60, 96)
+        sem = 0.97 * np.clip(person + shirt + beside, 0, 1).astype(np.float32)
+        assert 0.1 * 1200 < float(shirt.sum()) < 0.6 * 1200 < float(beside.sum())  # person: 1200 px
+        params = replace(BARE, cut=False, extend_touch=0.05)  # 1 % of this 96 px frame reaches no neighbour
+        with_rvm = fused(sem, UNSURE, person, params)
+        assert with_rvm[45, 45] > 0.99 and with_rvm[65, 45] > 0.9 and with_rvm[40, 80] < 0.01
+        as_isnet = fused(sem, person, None, params)
+        assert as_isnet[65, 45] > 0.9 and as_isnet[40, 80] > 0.9
+        unbounded = fused(sem, UNSURE, person, replace(params, extend_matting_max=float("inf")))
+        assert np.array_equal(unbounded, as_isnet)
+
     def test_the_matting_model_sees_every_view_the_others_see(self) -> None:
         """With the autocontrast copy on, each model is called on the view and its copy, rvm included."""
         sem, third = Fixed(box(20, 90, 30, 66)), Fixed(box(20, 90, 30, 66))
