@@ -310,8 +310,8 @@ class _Base:
         return cls(c_sem, c_fine, _fine_is_base(semantic, fine, c_sem, c_fine, params))
 
 
-def _fused(semantic: Alpha, fine: Alpha, params: FusionParams, choice: _Base, matting: bool = False) -> Alpha:
-    """``matting``: the fine voice is the matting model's (``extend_matting_max`` bounds what extend adds)."""
+def _fused(semantic: Alpha, fine: Alpha, params: FusionParams, choice: _Base, by_matting: bool = False) -> Alpha:
+    """``by_matting``: the fine voice is the matting model's (``extend_matting_max`` bounds what extend adds)."""
     side = max(semantic.shape)
     c_sem, c_fine = choice.c_sem, choice.c_fine
     base, c_other = (fine, c_sem) if choice.fine else (semantic, c_fine)
@@ -326,7 +326,7 @@ def _fused(semantic: Alpha, fine: Alpha, params: FusionParams, choice: _Base, ma
         alpha = _largest_components(alpha, params)
     if params.extend and c_sem >= params.extend_voice:
         alpha = extend(alpha, semantic, params, c_fine,
-                       params.extend_matting_max if matting else float("inf"))
+                       params.extend_matting_max if by_matting else float("inf"))
     out: Alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
     return out
 

@@ -14,6 +14,7 @@ back at the input's full size.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ class RvmMatter:
         self._pha = self._graph.outputs.get("pha", _PHA)
         self._zero = torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=self.device)
         self.cudnn = cudnn
-        """cuDNN for this network's convolutions: off unless asked (see ``predict``)."""
+        """cuDNN for this network's convolutions: off unless asked (see ``predict``); asked, the process's own
+        cuDNN settings apply."""
 
     def predict(self, rgb: RGB8) -> Alpha:
         h, w = rgb.shape[:2]
@@ -80,7 +82,7 @@ class RvmMatter:
             # 24 ms without it, where a second call took 22 ms (benchmarks/rvm_cold.py). Off here, for this
             # network only; the flag is process-wide, so isnet, if called from another thread meanwhile, runs
             # without cuDNN too (correct, a little slower).
-            with torch.backends.cudnn.flags(enabled=self.cudnn):
+            with contextlib.nullcontext() if self.cudnn else torch.backends.cudnn.flags(enabled=False):
                 (pha,) = self._graph.run(feeds, [self._pha])
             out = pha[0, :, :, 0].float().clamp(0.0, 1.0).cpu().numpy()
         except torch.cuda.OutOfMemoryError as exc:
