@@ -145,8 +145,8 @@ class FusionParams:
     """When the fine voice is the matting model's (rvm), only regions up to this share of the matte's person area
     are added: rvm leaves out at most the lower part of a dark shirt, while a region as large as the person
     that a human matting model left out was the backdrop (eval, 450 composites: blurred scenery s1-007
-    413 → 6.5, bokeh s3-003 218 → 8.2; without any extend for rvm's voice dark shirts were lost, s6-004
-    31 → 201). For isnet's voice there is no such bound: it drops whole dark torsos."""
+    413 → 6.5, bokeh s3-003 218 → 8.7, the only two changed; without any extend for rvm's voice dark
+    shirts were lost, s6-004 31 → 201). For isnet's voice there is no such bound: it drops whole dark torsos."""
     complete: bool = True
     """Step 4c: where a voice failed, complete the person with a colour model (see ``complete``)."""
     complete_failed: float = 0.5
