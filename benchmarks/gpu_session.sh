@@ -57,6 +57,10 @@ receive() {
 section() {  # section NAME SECONDS CMD...
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then  # ONLY='eval cuda|bench fusion': a short rerun
+        echo "== $name: not in ONLY" | tee -a "$LOG"
+        return
+    fi
     local left=$((DEADLINE - SECONDS))
     if ((left < 20)); then
         echo "== $name: skipped, $left s left" | tee -a "$LOG"
