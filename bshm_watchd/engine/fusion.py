@@ -188,11 +188,13 @@ class FusionParams:
     matting: bool = True
     """Where a human matting model (rvm) is installed, its answer is the fine voice wherever it is more trusted
     than isnet's (``_more_trusted``); off only to measure what it brings."""
-    matting_cover: float = 0.6
+    matting_cover: float = 0.9
     """... but never when it covers this share of the view or more: on grain and bokeh where isnet and selfie
-    both failed, rvm matted most of the frame with trust 0.6 (s14-017 209 → 657). Eval, 450 composites, with
-    rvm: 19.04 without this bar, 18.24 / 18.19 / 18.06 with it at 0.5 / 0.6 / 0.7; 0.6 is ``denoise_cover``'s
-    value, for the same reason."""
+    both failed, rvm at a 512 px copy matted most of the frame with trust 0.6 (s14-017 209 → 657; session 12:
+    19.04 without a bar, 18.24 / 18.19 / 18.06 at 0.5 / 0.6 / 0.7). With its copy at ``RVM_RATIO`` of the view
+    and extend bounded for its voice, the bar at 0.6 kept out close-ups rvm had right (session 13, the two
+    harnesses, 450 / 180 composites: 0.5 15.85 / –, 0.6 15.72 / 12.97, 0.7 15.47 / 12.97, 0.8–1.0 15.47 /
+    12.59; s5-019 60 → 14, s6-029 50 → 14, s7-015 36 → 12). 0.9 keeps out a matte that is the whole view."""
     steepen: float = 1.5
     """Last, α ← clip(0.5 + steepen·(α − 0.5)): the models' edges follow a blurred, rescanned print
     and come out wider than the subject's; 1 leaves the matte as it is."""
