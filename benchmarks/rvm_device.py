@@ -17,21 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rvm_cold import load_scaled  # this folder is sys.path[0] when run as a script
+
 from bshm_watchd.engine.rvm import RvmMatter
-
-
-def _load(path: Path, side: int = 1024) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise SystemExit(f"cannot read {path}")
-    s = side / max(bgr.shape[:2])
-    if s < 1:
-        bgr = cv2.resize(bgr, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
 def _ms(matter: RvmMatter, rgb: np.ndarray, reps: int) -> tuple[float, np.ndarray]:
@@ -60,7 +51,7 @@ def main() -> None:
     other = RvmMatter(model, device="cpu" if args.cpu_smoke else "cuda")
     rows = []
     for path in args.images:
-        rgb = _load(path)
+        rgb = load_scaled(path, 1024, grow=False)
         ms_cpu, a = _ms(cpu, rgb, args.reps)
         ms_dev, b = _ms(other, rgb, args.reps)
         diff = np.abs(a - b)
