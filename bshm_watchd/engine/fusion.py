@@ -18,8 +18,8 @@ failing model is rarely *confident*: its mask is mostly mid-grey. So:
    to 0.6 of the person's area, ``extend_matting_max``); where a voice failed, what
    selfie half-sees (α > 0.25) beside the matte is given to a colour model of the image (GrabCut),
    and the regions it calls person are added (``complete``: a dark shirt under a bust, a faded body);
-   where selfie's matte is the base and isnet is trusted, what isnet lacks and the colour model calls
-   backdrop is removed (``complete.pruned``: bokeh, a card's edge matted with the sitter);
+   where selfie's matte is the base and isnet (not rvm) is the trusted fine voice, what isnet lacks and the
+   colour model calls backdrop is removed (``complete.pruned``: bokeh, a card's edge matted with the sitter);
 5. the uncertain band is re-solved with closed-form matting on the image (``refine_band``), and the
    edge ramp is steepened (``steepen``: the models' edges follow the print's blur);
 6. before all this, a card mount is looked for (``mount``): a window is matted as a crop of its box,
@@ -158,7 +158,10 @@ class FusionParams:
     """Smallest added region, as a fraction of the matte's person area."""
     prune: bool = True
     """Step 4d: where selfie's matte is the base and isnet is trusted, remove what isnet lacks and a colour
-    model calls backdrop (see ``complete.pruned``)."""
+    model calls backdrop (see ``complete.pruned``). Not where rvm's answer is the fine voice: what a human
+    matting model leaves out of selfie's person is more often a part of the sitter it missed (a face flattened
+    to the backdrop's grey) than backdrop (eval, 450 composites: 15.47 → 15.31, s3-000 76 → 7.0, s5-028
+    9.2 → 5.6, none worse; 180 full-size composites unchanged)."""
     prune_voice: float = 0.6
     """... only when isnet's voice is trusted at least this much."""
     prune_below: float = 0.5
@@ -420,7 +423,7 @@ class FusionMatter:
         alpha = _fused(semantic, fine, p, choice, rvm)
         if p.complete and min(trusts) < p.complete_failed:
             alpha = completed(alpha, semantic, rgb, seen=p.complete_seen, min_area=p.complete_min_area)
-        if p.prune and trusts[1] >= p.prune_voice and not choice.fine:
+        if p.prune and not rvm and trusts[1] >= p.prune_voice and not choice.fine:
             alpha = pruned(alpha, fine, rgb, below=p.prune_below, core=p.prune_core, min_area=p.prune_min_area,
                            max_share=p.prune_max)
         alpha = refine_band(alpha, rgb) if self.refine else alpha
