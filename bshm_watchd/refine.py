@@ -57,6 +57,16 @@ def guided_filter(guide: F32, alpha: Alpha, radius: int, eps: float) -> Alpha:
 BAND_SIDE = 600
 """Closed-form refinement runs on a copy at most this large: 0.2 s a scan on 2 cores."""
 
+GUIDE_SMOOTHING = (7, 30 / 255, 5.0)
+"""Bilateral filter (diameter px, colour sigma in [0, 1] units, space sigma px) on the solve's image: the
+closed-form solution fits a colour line to each 3×3 window, and film grain or scan noise, not the sitter's
+edge, then sets the line, so the solve came out blotchy or blocky on grainy scans. An edge-preserving
+smoothing of the image takes the grain out and keeps the edge. Eval, fusion: 450 composites 15.18 → 14.89
+(soft band 8.77 → 8.48, every seed better), 180 full-size composites 12.57 → 12.33. Measured on 120 of them
+(mean SAD 16.35 as before): a Gaussian σ 1 16.23, σ 2 16.83, a 3×3 median 16.01, NL-means (h 10) 16.64,
+this filter 15.88; on 120 others it measured 16.96–17.04 for diameters 5–9 and colour sigmas 20–50 (17.30
+without)."""
+
 MAX_UNKNOWN = 0.2
 """Skip the solve when more than this fraction of the copy is unknown."""
 
@@ -74,7 +84,9 @@ def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: flo
     The trimap comes from the model's own alpha: ``> sure`` (eroded by ``band`` px) is foreground,
     ``< 1 − sure`` background, the rest unknown. Solved at ≤ ``BAND_SIDE`` px, pasted back only in
     the unknown band. Measured on fusion mattes of 60 eval composites: mean SAD 47.4 → 46.5,
-    median 14.5 → 11.9; a wider band or a larger copy measured worse or slower.
+    median 14.5 → 11.9; a wider band or a larger copy measured worse or slower (again with the smoothed
+    image, session 14: a 2 px band or an 800 px copy 14.96 / 14.93 against 14.89). The image is smoothed
+    first (``GUIDE_SMOOTHING``).
     """
     from pymatting import estimate_alpha_cf
 
@@ -84,7 +96,9 @@ def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: flo
     a_s = cv2.resize(alpha, (sw, sh), interpolation=cv2.INTER_AREA) if scale < 1 else alpha
     # ``rgb`` may be the full-size scan (8 or 16 bit): shrink it straight to the solve size.
     full = 255.0 if rgb.dtype == np.uint8 else 65535.0
-    im_s = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float64) / full
+    im_s = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float32) / np.float32(full)
+    diameter, sigma_colour, sigma_space = GUIDE_SMOOTHING
+    im_s = cv2.bilateralFilter(im_s, diameter, sigma_colour, sigma_space).astype(np.float64)
     fg = cv2.erode((a_s > sure).astype(np.uint8), disc(band))
     bg = cv2.erode((a_s < 1.0 - sure).astype(np.uint8), disc(band))
     unknown = (fg == 0) & (bg == 0)
