@@ -98,7 +98,8 @@ def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: flo
     full = 255.0 if rgb.dtype == np.uint8 else 65535.0
     im_s = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float32) / np.float32(full)
     diameter, sigma_colour, sigma_space = GUIDE_SMOOTHING
-    im_s = cv2.bilateralFilter(im_s, diameter, sigma_colour, sigma_space).astype(np.float64)
+    # float rounding can leave the filtered values a hair outside [0, 1], which pymatting warns about
+    im_s = np.clip(cv2.bilateralFilter(im_s, diameter, sigma_colour, sigma_space), 0.0, 1.0).astype(np.float64)
     fg = cv2.erode((a_s > sure).astype(np.uint8), disc(band))
     bg = cv2.erode((a_s < 1.0 - sure).astype(np.uint8), disc(band))
     unknown = (fg == 0) & (bg == 0)

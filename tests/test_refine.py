@@ -217,3 +217,11 @@ class TestRefineBand:
         unsure[:10] = 0.0
         unsure[-10:] = 1.0
         assert np.array_equal(refine.refine_band(unsure, rgb), unsure)
+
+
+def test_refine_band_gives_pymatting_an_image_in_range(recwarn: pytest.WarningsRecorder) -> None:
+    """A white backdrop (values at 1.0) through the smoothing stays within [0, 1]: pymatting warns otherwise."""
+    rgb, _, blurry = TestRefineBand.scene()
+    rgb[rgb[..., 2] == 200] = 255
+    refine.refine_band(blurry, rgb)
+    assert not [w for w in recwarn if "should be in [0, 1]" in str(w.message)]
