@@ -225,3 +225,21 @@ def test_refine_band_gives_pymatting_an_image_in_range(recwarn: pytest.WarningsR
     rgb[rgb[..., 2] == 200] = 255
     refine.refine_band(blurry, rgb)
     assert not [w for w in recwarn if "should be in [0, 1]" in str(w.message)]
+
+
+def test_refine_band_solves_with_the_projects_epsilon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The solve's regularisation is ``CF_EPSILON`` (the eval chose it), not pymatting's default."""
+    import pymatting
+
+    seen: list[dict[str, float]] = []
+    real = pymatting.estimate_alpha_cf
+
+    def spy(image: npt.NDArray[np.float64], trimap: npt.NDArray[np.float64], **kw: dict[str, float]) -> F64:
+        seen.append(kw.get("laplacian_kwargs", {}))
+        out: F64 = real(image, trimap, **kw)
+        return out
+
+    monkeypatch.setattr(pymatting, "estimate_alpha_cf", spy)
+    rgb, _, blurry = TestRefineBand.scene()
+    refine.refine_band(blurry, rgb)
+    assert seen == [{"epsilon": refine.CF_EPSILON}]
