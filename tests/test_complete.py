@@ -152,15 +152,22 @@ def test_pruned_removes_nothing_where_isnet_lacks_too_much() -> None:
     assert float(gone[lobe].mean()) < 0.05
 
 
-def test_fusion_prunes_selfies_base_where_isnet_is_trusted() -> None:
-    """selfie (sure: the base) mattes the sitter and a block of backdrop; isnet mattes the sitter and is unsure
-    of the block (α 0.3, so trusted about 0.7). The fusion removes the block; not with ``prune`` off, nor when
-    isnet's trust is under ``prune_voice``."""
+def _pruning_case() -> tuple[npt.NDArray[np.bool_], F32, FusionParams]:
+    """The block selfie mattes with the sitter, a fine voice unsure of it (α 0.3, trusted about 0.7), and the
+    fusion with only the voices, the base choice and steps 2–4d."""
     lobe = _lobe()
     fine = np.clip(_head() + _shirt(), 0, 1).astype(np.float32)
     fine[lobe] = 0.3
     bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, denoise=False, crop_below=0.0,
                         steepen=1.0)
+    return lobe, fine, bare
+
+
+def test_fusion_prunes_selfies_base_where_isnet_is_trusted() -> None:
+    """selfie (sure: the base) mattes the sitter and a block of backdrop; isnet mattes the sitter and is unsure
+    of the block (α 0.3, so trusted about 0.7). The fusion removes the block; not with ``prune`` off, nor when
+    isnet's trust is under ``prune_voice``."""
+    lobe, fine, bare = _pruning_case()
 
     def run(params: FusionParams) -> F32:
         out: F32 = FusionMatter(_Fixed(_selfie_with_lobe()), _Fixed(fine), params, refine=False).predict(_bust())
@@ -176,12 +183,8 @@ def test_fusion_does_not_prune_where_the_fine_voice_is_rvms() -> None:
     """The same answers, but the trusted fine voice is the matting model's (isnet failed: mid-grey). What a
     human matting model leaves out of selfie's person is more often a part of the sitter it missed, so the
     block stays."""
-    lobe = _lobe()
-    fine = np.clip(_head() + _shirt(), 0, 1).astype(np.float32)
-    fine[lobe] = 0.3
+    lobe, fine, bare = _pruning_case()
     failed = np.full((H, W), 0.5, np.float32)
-    bare = FusionParams(mounts=False, stretch=False, tiles=False, strokes=False, denoise=False, crop_below=0.0,
-                        steepen=1.0)
     out = FusionMatter(_Fixed(_selfie_with_lobe()), _Fixed(failed), bare, refine=False,
                        matting=_Fixed(fine)).predict(_bust())
     assert float(out[lobe].mean()) > 0.97
