@@ -23,10 +23,14 @@ F32 = npt.NDArray[Any]
 STRIP_ROWS = 256
 
 
+def full_range(rgb: npt.NDArray[Any]) -> float:
+    """The white of an 8- or 16-bit image."""
+    return 255.0 if rgb.dtype == np.uint8 else 65535.0
+
+
 def grey01(rgb: npt.NDArray[Any]) -> F32:
     """Luma in [0, 1] for 8- or 16-bit RGB."""
-    scale = 255.0 if rgb.dtype == np.uint8 else 65535.0
-    g = cv2.cvtColor(rgb.astype(np.float32) / np.float32(scale), cv2.COLOR_RGB2GRAY)
+    g = cv2.cvtColor(rgb.astype(np.float32) / np.float32(full_range(rgb)), cv2.COLOR_RGB2GRAY)
     return g.astype(np.float32)
 
 
@@ -101,12 +105,6 @@ def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: flo
     scale = min(1.0, BAND_SIDE / max(h, w))
     sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
     a_s = cv2.resize(alpha, (sw, sh), interpolation=cv2.INTER_AREA) if scale < 1 else alpha
-    # ``rgb`` may be the full-size scan (8 or 16 bit): shrink it straight to the solve size.
-    full = 255.0 if rgb.dtype == np.uint8 else 65535.0
-    im_s = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float32) / np.float32(full)
-    diameter, sigma_colour, sigma_space = GUIDE_SMOOTHING
-    # float rounding can leave the filtered values a hair outside [0, 1], which pymatting warns about
-    im_s = np.clip(cv2.bilateralFilter(im_s, diameter, sigma_colour, sigma_space), 0.0, 1.0).astype(np.float64)
     fg = cv2.erode((a_s > sure).astype(np.uint8), disc(band))
     bg = cv2.erode((a_s < 1.0 - sure).astype(np.uint8), disc(band))
     unknown = (fg == 0) & (bg == 0)
@@ -122,13 +120,24 @@ def refine_band(alpha: Alpha, rgb: npt.NDArray[Any], *, band: int = 3, sure: flo
         # ill-conditioned systems faded prints give; keep that off stdout (the daemon's JSON log).
         # Jacobi avoids the print but measured 5x slower for the same mattes.
         with contextlib.redirect_stdout(io.StringIO()):
-            solved = estimate_alpha_cf(im_s, trimap, laplacian_kwargs={"epsilon": CF_EPSILON})
+            solved = estimate_alpha_cf(_solve_image(rgb, (sw, sh)), trimap, laplacian_kwargs={"epsilon": CF_EPSILON})
     except (ValueError, np.linalg.LinAlgError, ArithmeticError):
         return alpha
     up = cv2.resize(solved.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     where = cv2.resize(unknown.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     out: Alpha = alpha.copy()
     out[where] = np.clip(up[where], 0.0, 1.0)
+    return out
+
+
+def _solve_image(rgb: npt.NDArray[Any], size: tuple[int, int]) -> npt.NDArray[np.float64]:
+    """The solve's image: ``rgb`` (the analysis copy or the full-size scan, 8 or 16 bit) shrunk straight to
+    ``size``, in [0, 1], smoothed with ``GUIDE_SMOOTHING``; made only when there is a band to solve."""
+    im = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA).astype(np.float32) / np.float32(full_range(rgb))
+    diameter, sigma_colour, sigma_space = GUIDE_SMOOTHING
+    # float rounding can leave the filtered values a hair outside [0, 1], which pymatting warns about
+    out: npt.NDArray[np.float64] = np.clip(cv2.bilateralFilter(im, diameter, sigma_colour, sigma_space),
+                                           0.0, 1.0).astype(np.float64)
     return out
 
 
