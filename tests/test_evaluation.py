@@ -15,7 +15,7 @@ from bshm_watchd.errors import BshmError, ModelError
 from bshm_watchd.evaluation import Case, evaluate, load_pairs, make_cases, save_cases, truth_alpha
 from bshm_watchd.evaluation.ageing import age
 from bshm_watchd.evaluation.backdrops import BACKDROPS, LUMA, backdrop, keep_apart
-from bshm_watchd.evaluation.composite import _draw_pad, _read_alpha
+from bshm_watchd.evaluation.composite import _draw_group, _draw_group_frame, _draw_pad, _read_alpha
 from bshm_watchd.evaluation.metrics import (
     Scores,
     connectivity_error,
@@ -218,6 +218,62 @@ class TestComposite:
                    for p in pads)
         spans = np.ones((100, 80), np.float32)
         assert all(_draw_pad(np.random.default_rng([s]), spans) is None for s in range(20))
+
+    def test_groups_leave_the_other_cases_as_they_were(self, tmp_path: Path) -> None:
+        """With ``groups`` > 0 the cases that are not groups are byte for byte those made without it; a group's
+        alpha is exact (recomputed from its members' sources) and holds every member; a bad probability is
+        refused."""
+        sources = _write_portraits(tmp_path)
+        plain, mixed = make_cases(tmp_path, 12, seed=4, max_side=160), make_cases(tmp_path, 12, seed=4, max_side=160,
+                                                                                  groups=0.5)
+        grouped = [c for c in mixed if "group" in c.recipe["frame"]]
+        assert 2 <= len(grouped) <= 10
+        for a, b in zip(plain, mixed, strict=True):
+            if "group" not in b.recipe["frame"]:
+                assert a.name == b.name and np.array_equal(a.image, b.image) and np.array_equal(a.alpha, b.alpha)
+        by_name = {f"p{i}": src for i, src in enumerate(sources)}
+        for c in grouped:
+            assert "-group" in c.name and c.recipe["source"].count("+") == len(c.recipe["frame"]["group"]) - 1
+            assert np.array_equal(c.alpha, truth_alpha(by_name, c.recipe))
+            json.dumps(c.recipe)  # --save-cases writes it
+            frame = c.recipe["frame"]
+            scale = frame["size"][0] / frame["canvas"][0]
+            b = round(float(c.recipe["mount"].get("border", 0.0)) * max(frame["size"]))
+            for m in frame["group"]:  # each member's ellipse shows where it was placed
+                x0 = b + round((frame["offset"][0] + m["x"]) * scale)
+                x1 = b + round((frame["offset"][0] + m["x"] + m["size"][0]) * scale)
+                assert c.alpha[:, x0:x1].max() > 0.5
+        with pytest.raises(ValueError, match="groups"):
+            make_cases(tmp_path, 1, seed=1, groups=1.5)
+
+    def test_group_placement_keeps_cut_edges_on_the_canvas_edge(self) -> None:
+        """A person cut by the left of their portrait stands first, one cut by the right last, one cut by both is
+        left out; a person cut by the top reaches the canvas's top, and no room is added beside a cut side."""
+        free = np.zeros((100, 80), np.float32)
+        free[20:, 20:60] = 1.0
+        left_cut, right_cut, both_cut, top_cut = free.copy(), free.copy(), free.copy(), free.copy()
+        left_cut[50:, :30] = 1.0
+        right_cut[50:, 50:] = 1.0
+        both_cut[50:, :] = 1.0
+        top_cut[:, 30:50] = 1.0
+        alphas = [right_cut, both_cut, free, left_cut, top_cut]
+        seen = []
+        for s in range(40):
+            members = _draw_group(np.random.default_rng([s]), s % 5, alphas, 1.0)
+            assert members is not None and 2 <= len(members) <= 3 and len(set(members)) == len(members)
+            assert 1 not in members
+            assert 3 not in members[1:] and 0 not in members[:-1]
+            seen += members
+            frame = _draw_group_frame(np.random.default_rng([s]), [alphas[m] for m in members],
+                                      [f"p{m}" for m in members], 160, 0.0)
+            assert (frame["offset"][0] == 0) == (members[0] == 3)
+            tallest = max(alphas[m].shape[0] for m in members)
+            for m, placed in zip(members, frame["group"], strict=True):
+                if m == 4:
+                    assert placed["y"] == 0 and placed["size"][1] == tallest and frame["offset"][1] == 0
+        assert {0, 2, 3, 4} <= set(seen)
+        assert _draw_group(np.random.default_rng(0), 0, alphas, 0.0) is None
+        assert _draw_group(np.random.default_rng(0), 0, alphas[:1], 1.0) is None
 
     def test_alpha_mass_follows_the_geometry(self, tmp_path: Path) -> None:
         """Checked independently of the helpers: an uncropped, unmounted case keeps the source's mean

@@ -72,6 +72,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-side", type=int, default=1024)
     p.add_argument("--severity", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"))
+    p.add_argument("--groups", type=float, default=0.0, metavar="P",
+                   help="probability that a composite is a group of 2-3 portraits side by side (default 0)")
     p.add_argument("--model", action="append", default=None, help="repeatable (default: the config's model)")
     p.add_argument("--profile", action="append", default=None, help="repeatable (default: default)")
     p.add_argument("--baseline", action="store_true", help="also run isnet and selfie alone in the same run")
@@ -94,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.cases is not None:
         cases = load_pairs(args.cases, args.max_side)
     else:
-        cases = make_cases(args.data, args.n, args.seed, args.max_side, tuple(args.severity))
+        cases = make_cases(args.data, args.n, args.seed, args.max_side, tuple(args.severity), args.groups)
     if args.save_cases is not None:
         save_cases(cases, args.save_cases)
     models = list(args.model or [cfg.model])
@@ -115,6 +117,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for label, variant in ablations(fused):
             results.append(evaluate(cases, pipeline_fn(variant, cfg.profile(profiles[0])), label))
     title = f"bshm-watchd eval: {len(cases)} cases" + ("" if args.cases else f", seed {args.seed}")
+    if args.cases is None and args.groups:
+        title += f", groups {args.groups:g}"
     json_path, md_path = write_report(results, args.output_dir, title=title)
     print(render_markdown(results, title=title))
     print(f"\nreport: {md_path} and {json_path}")

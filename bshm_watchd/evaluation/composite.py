@@ -11,7 +11,15 @@ variants of one portrait get different backdrops. The recipe, in order:
    wider canvas where it takes 40–75 % of each axis it does not span (a person cut by the bottom edge
    stays on it; no canvas longer than 2.2:1), then resized to a long side of 40–100 % of ``max_side``
    (less any mount border). Image, foreground and alpha get the same crop, padding and resize, so the
-   alpha stays exact.
+   alpha stays exact. With ``groups`` > 0 a case is, with that probability (its own stream again), a
+   **group** instead: 2–3 different portraits, each cut to its person's columns (plus 5 %), scaled to
+   75–100 % of the tallest, standing on the bottom edge side by side, each overlapping the one before by
+   0–25 % of its width, in a drawn depth order (the front one's alpha over the others'), on a canvas
+   with 3–15 % room at each side and up to 15 % above (at least enough to stay within 2.2:1), resized
+   like the single portraits. A person their portrait cuts at the top spans the canvas's height (and the
+   canvas gets no room above); one cut at the left or right stands at that end with no room beside it,
+   and a portrait cut at both sides is left out of groups, so no cut edge shows inside the picture.
+   ``groups`` is 0 by default, so the seeds' cases are those of earlier versions.
 2. foreground colours: pymatting ``estimate_foreground_ml`` once per portrait on the resized copy,
    so soft hair does not carry the old background into the new one.
 3. backdrop (``BACKDROPS``): studio (mottled painted), scenery (painted sky, horizon, trees),
@@ -34,6 +42,7 @@ variants of one portrait get different backdrops. The recipe, in order:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,10 +191,121 @@ def _mount_image(img: F32, mount: Recipe) -> F32:
     return img.astype(np.float32)
 
 
-def truth_alpha(source_alpha: Alpha, recipe: Recipe) -> Alpha:
-    """Recompute a case's alpha from its full-size source alpha and the recipe: the same exact ops."""
+def truth_alpha(source_alpha: Alpha | Mapping[str, Alpha], recipe: Recipe) -> Alpha:
+    """Recompute a case's alpha from its full-size source alpha and the recipe: the same exact ops. A group's
+    recipe needs its members' source alphas, by source name."""
     frame = recipe["frame"]
-    return mount_alpha(_reframe(resize(source_alpha, frame["work"]), frame), recipe["mount"])
+    if "group" in frame:
+        if not isinstance(source_alpha, Mapping):
+            raise ValueError("a group's truth needs its members' source alphas by name")
+        alphas = [resize(source_alpha[m["source"]], m["work"]) for m in frame["group"]]
+        alpha, _ = _group_layers(alphas, None, frame)
+    else:
+        if isinstance(source_alpha, Mapping):
+            source_alpha = source_alpha[recipe["source"]]
+        alpha = _reframe(resize(source_alpha, frame["work"]), frame)
+    return mount_alpha(alpha, recipe["mount"])
+
+
+# ---------------------------------------------------------------- groups
+
+
+def _touches(alpha: Alpha) -> dict[str, bool]:
+    """Which edges of its frame the person runs into (α > 0.5 within 2 px of it)."""
+    return {"top": bool(alpha[:2].max() > 0.5), "left": bool(alpha[:, :2].max() > 0.5),
+            "right": bool(alpha[:, -2:].max() > 0.5)}
+
+
+def _draw_group(rng: Rng, index: int, alphas: list[Alpha], groups: float) -> list[int] | None:
+    """Source indices of a group, left to right (2–3 different portraits, from the case's own on), or None.
+
+    A person cut by the left or right edge of their portrait can only stand at that end of the group, with
+    the cut on the canvas's edge; portraits that cannot be placed so are passed over."""
+    if groups <= 0 or len(alphas) < 2 or rng.random() >= groups:
+        return None
+    k = int(rng.integers(2, 4))
+    left: int | None = None
+    right: int | None = None
+    middle: list[int] = []
+    for j in range(len(alphas)):
+        i = (index + j) % len(alphas)
+        t = _touches(alphas[i])
+        if t["left"] and t["right"]:
+            continue
+        if t["left"] and left is None:
+            left = i
+        elif t["right"] and right is None:
+            right = i
+        elif not (t["left"] or t["right"]):
+            middle.append(i)
+        else:
+            continue
+        if len(middle) + (left is not None) + (right is not None) == k:
+            break
+    order = ([left] if left is not None else []) + middle + ([right] if right is not None else [])
+    return order if len(order) >= 2 else None
+
+
+def _person_cols(alpha: Alpha) -> tuple[int, int]:
+    """The columns the person takes (α > 0.5), plus 5 % of that width each side; all of them if none."""
+    cols = np.nonzero(alpha.max(axis=0) > 0.5)[0]
+    w = alpha.shape[1]
+    if cols.size == 0:
+        return 0, w
+    c0, c1 = int(cols[0]), int(cols[-1]) + 1
+    margin = round(0.05 * (c1 - c0))
+    return max(0, c0 - margin), min(w, c1 + margin)
+
+
+def _draw_group_frame(rng: Rng, alphas: list[Alpha], names: list[str], max_side: int, border: float) -> Recipe:
+    tallest = max(a.shape[0] for a in alphas)
+    touches = [_touches(a) for a in alphas]
+    members: list[Recipe] = []
+    x = right = 0.0
+    for name, a, t in zip(names, alphas, touches, strict=True):
+        c0, c1 = _person_cols(a)  # a cut side keeps its cut: it is the canvas's edge
+        c0, c1 = 0 if t["left"] else c0, a.shape[1] if t["right"] else c1
+        # a person cut by the top of their portrait reaches the canvas's top, cut there too
+        scale = tallest * (1.0 if t["top"] else uniform(rng, 0.75, 1.0)) / a.shape[0]
+        size = [max(1, round((c1 - c0) * scale)), max(1, round(a.shape[0] * scale))]
+        members.append({"source": name, "work": [a.shape[1], a.shape[0]], "cols": [c0, c1], "size": size,
+                        "x": round(x), "y": tallest - size[1]})
+        right = max(right, round(x) + size[0])
+        x = round(x) + size[0] * (1 - uniform(rng, 0.0, 0.25))
+    left = 0 if touches[0]["left"] else round(right * uniform(rng, 0.03, 0.15))
+    rgt = 0 if touches[-1]["right"] else round(right * uniform(rng, 0.03, 0.15))
+    width = int(right) + left + rgt
+    top = 0 if any(t["top"] for t in touches) else max(round(tallest * uniform(rng, 0.0, 0.15)),
+                                                       int(np.ceil(width / 2.2)) - tallest)
+    long_side = max_side * uniform(rng, 0.4, 1.0) / (1 + 2 * border)
+    return {"group": members, "order": [int(i) for i in rng.permutation(len(members))],
+            "canvas": [width, tallest + top], "offset": [left, top],
+            "size": list(bounded(width, tallest + top, long_side))}
+
+
+def _group_layers(alphas: list[Alpha], fgs: list[F32] | None, frame: Recipe) -> tuple[F32, F32 | None]:
+    """The group's alpha (and foreground colours) at ``frame["size"]``: each member, back to front in
+    ``frame["order"]``, laid over the ones behind it; alpha and premultiplied colour are resized together."""
+    width, height = frame["canvas"]
+    left, top = frame["offset"]
+    acc = np.zeros((height, width), np.float32)
+    pre = np.zeros((height, width, 3), np.float32) if fgs is not None else None
+    for j in frame["order"]:
+        m = frame["group"][j]
+        c0, c1 = m["cols"]
+        a = f32(np.clip(resize(alphas[j][:, c0:c1], m["size"]), 0.0, 1.0))
+        x0, y0 = left + m["x"], top + m["y"]
+        region = (slice(y0, y0 + a.shape[0]), slice(x0, x0 + a.shape[1]))
+        if pre is not None and fgs is not None:
+            fg = f32(np.clip(resize(fgs[j][:, c0:c1], m["size"]), 0.0, 1.0))
+            pre[region] = a[..., None] * fg + (1 - a[..., None]) * pre[region]
+        acc[region] = a + (1 - a) * acc[region]
+    alpha = np.ascontiguousarray(np.clip(resize(acc, frame["size"]), 0.0, 1.0), dtype=np.float32)
+    if pre is None:
+        return alpha, None
+    pre = f32(resize(pre, frame["size"]))
+    fg = np.clip(pre / np.maximum(alpha, 1e-6)[..., None], 0.0, 1.0)
+    return alpha, np.ascontiguousarray(np.where(alpha[..., None] > 0, fg, 0.0), dtype=np.float32)
 
 
 # ---------------------------------------------------------------- cases
@@ -199,12 +319,14 @@ def _foreground(image: RGB8, alpha: Alpha) -> F32:
 
 
 def make_cases(
-    data_dir: Path, n: int, seed: int, max_side: int = 1024, severity: tuple[float, float] = (0.0, 1.0)
+    data_dir: Path, n: int, seed: int, max_side: int = 1024, severity: tuple[float, float] = (0.0, 1.0),
+    groups: float = 0.0,
 ) -> list[Case]:
     """``n`` aged composites (recipe: module docstring) from the image/ + alpha/ pairs under ``data_dir``.
 
-    Deterministic for ``(data_dir contents, n, seed, max_side, severity)``; case i is the same
-    whatever ``n``. Each case's ageing severity is uniform in the ``severity`` range.
+    Deterministic for ``(data_dir contents, n, seed, max_side, severity, groups)``; case i is the same
+    whatever ``n``. Each case's ageing severity is uniform in the ``severity`` range; ``groups`` is the
+    probability that a case is a group of 2–3 portraits.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -212,25 +334,41 @@ def make_cases(
         raise ValueError(f"severity must be a range within [0, 1], got {severity}")
     if max_side < 64:
         raise ValueError(f"max_side must be at least 64, got {max_side}")
+    if not 0 <= groups <= 1:
+        raise ValueError(f"groups must be a probability in [0, 1], got {groups}")
     sources = load_pairs(data_dir)
     order = np.random.default_rng([seed, 0x6B696E64]).permutation(len(BACKDROPS))
     work: dict[str, tuple[Alpha, F32]] = {}  # per portrait: working alpha and foreground
     cases = []
-    for index in range(n):
-        src = sources[index % len(sources)]
+    def working(src: Case) -> tuple[Alpha, F32]:
         if src.name not in work:
             h, w = src.alpha.shape
             size = bounded(w, h, max_side)
             img_w, alpha_w = resize(src.image, size), f32(resize(src.alpha, size))
             work[src.name] = (alpha_w, _foreground(img_w, alpha_w))
-        alpha_w, fg_w = work[src.name]
+        return work[src.name]
+
+    for index in range(n):
+        src = sources[index % len(sources)]
         kind = BACKDROPS[int(order[(index + index // len(sources)) % len(BACKDROPS)])]
         rng = np.random.default_rng([seed, index])
         mount = _draw_mount(rng)
-        # The framing's padding draws from its own stream, so cases without it are those of earlier versions.
-        frame = _draw_frame(rng, alpha_w, max_side, float(mount.get("border", 0.0)),
-                            np.random.default_rng([seed, index, 0x706164]))
-        a, fg = _reframe(alpha_w, frame), _reframe(fg_w, frame)
+        border = float(mount.get("border", 0.0))
+        # Groups and the framing's padding draw from streams of their own, so the cases that have neither
+        # are those of earlier versions.
+        group_rng = np.random.default_rng([seed, index, 0x67726F7570])
+        members = _draw_group(group_rng, index, [s.alpha for s in sources], groups)
+        if members is not None:
+            parts = [working(sources[m]) for m in members]
+            frame = _draw_group_frame(group_rng, [p[0] for p in parts], [sources[m].name for m in members],
+                                      max_side, border)
+            a, group_fg = _group_layers([p[0] for p in parts], [p[1] for p in parts], frame)
+            assert group_fg is not None
+            fg = group_fg
+        else:
+            alpha_w, fg_w = working(src)
+            frame = _draw_frame(rng, alpha_w, max_side, border, np.random.default_rng([seed, index, 0x706164]))
+            a, fg = _reframe(alpha_w, frame), _reframe(fg_w, frame)
         bg, bg_params = backdrop(kind, rng, a.shape[0], a.shape[1], clothes_colour(fg, a))
         bg, bg_params["shift"] = keep_apart(bg, fg, a)
         comp = _mount_image(a[..., None] * fg + (1 - a[..., None]) * bg, mount)
@@ -238,13 +376,14 @@ def make_cases(
         recipe = {
             "seed": seed,
             "index": index,
-            "source": src.name,
+            "source": src.name if members is None else "+".join(sources[m].name for m in members),
             "frame": frame,
             "mount": mount,
             "backdrop": bg_params,
             "age": ageing,
         }
-        cases.append(Case(f"{src.name}-s{seed}-{index:03d}-{kind}", image, mount_alpha(a, mount), recipe))
+        label = src.name if members is None else f"{src.name}-group{len(members)}"
+        cases.append(Case(f"{label}-s{seed}-{index:03d}-{kind}", image, mount_alpha(a, mount), recipe))
     return cases
 
 
