@@ -233,7 +233,8 @@ class TestComposite:
                 assert a.name == b.name and np.array_equal(a.image, b.image) and np.array_equal(a.alpha, b.alpha)
         by_name = {f"p{i}": src for i, src in enumerate(sources)}
         for c in grouped:
-            assert "-group" in c.name and c.recipe["source"].count("+") == len(c.recipe["frame"]["group"]) - 1
+            members = [m["source"] for m in c.recipe["frame"]["group"]]
+            assert c.name.startswith(f"{members[0]}-group{len(members)}-") and c.recipe["source"] == "+".join(members)
             assert np.array_equal(c.alpha, truth_alpha(by_name, c.recipe))
             json.dumps(c.recipe)  # --save-cases writes it
             frame = c.recipe["frame"]

@@ -217,7 +217,8 @@ def _touches(alpha: Alpha) -> dict[str, bool]:
 
 
 def _draw_group(rng: Rng, index: int, alphas: list[Alpha], groups: float) -> list[int] | None:
-    """Source indices of a group, left to right (2–3 different portraits, from the case's own on), or None.
+    """Source indices of a group, left to right, or None: 2–3 different portraits, taken in turn from the case's
+    own on (the case's name is the leftmost's).
 
     A person cut by the left or right edge of their portrait can only stand at that end of the group, with
     the cut on the canvas's edge; portraits that cannot be placed so are passed over."""
@@ -340,6 +341,7 @@ def make_cases(
     order = np.random.default_rng([seed, 0x6B696E64]).permutation(len(BACKDROPS))
     work: dict[str, tuple[Alpha, F32]] = {}  # per portrait: working alpha and foreground
     cases = []
+
     def working(src: Case) -> tuple[Alpha, F32]:
         if src.name not in work:
             h, w = src.alpha.shape
@@ -382,7 +384,7 @@ def make_cases(
             "backdrop": bg_params,
             "age": ageing,
         }
-        label = src.name if members is None else f"{src.name}-group{len(members)}"
+        label = src.name if members is None else f"{sources[members[0]].name}-group{len(members)}"
         cases.append(Case(f"{label}-s{seed}-{index:03d}-{kind}", image, mount_alpha(a, mount), recipe))
     return cases
 
