@@ -489,6 +489,24 @@ class TestReport:
         assert "## Per case" in m.read_text()
 
 
+class TestCommand:
+    def test_eval_with_groups_end_to_end(self, tmp_path: Path, model_dir: Path) -> None:
+        """``bshm-watchd eval --groups 1`` composites groups, runs the real (selfie) pipeline and writes both
+        reports, the title naming the group share."""
+        from bshm_watchd.cli import main
+
+        _write_portraits(tmp_path / "src")
+        out = tmp_path / "out"
+        rc = main(["eval", "--data", str(tmp_path / "src"), "-n", "3", "--groups", "1", "--max-side", "160",
+                   "--model", "selfie", "--model-dir", str(model_dir), "-o", str(out)])
+        assert rc == 0
+        report = json.loads((out / "report.json").read_text())
+        (result,) = report["results"]
+        assert result["label"] == "selfie" and result["n"] == 3
+        assert all("-group" in c["name"] for c in result["cases"])
+        assert "groups 1" in (out / "report.md").read_text().splitlines()[0]
+
+
 class TestAblation:
     def test_each_part_switched_off_once(self) -> None:
         """--ablate's variants share fusion's models and switch off one part each, then all of them."""
