@@ -15,7 +15,7 @@ from bshm_watchd.errors import BshmError, ModelError
 from bshm_watchd.evaluation import Case, evaluate, load_pairs, make_cases, save_cases, truth_alpha
 from bshm_watchd.evaluation.ageing import age
 from bshm_watchd.evaluation.backdrops import BACKDROPS, LUMA, backdrop, keep_apart
-from bshm_watchd.evaluation.composite import _draw_group, _draw_group_frame, _draw_pad, _read_alpha
+from bshm_watchd.evaluation.composite import _draw_group, _draw_group_frame, _draw_pad, _read_alpha, _touches
 from bshm_watchd.evaluation.metrics import (
     Scores,
     connectivity_error,
@@ -258,23 +258,24 @@ class TestComposite:
         both_cut[50:, :] = 1.0
         top_cut[:, 30:50] = 1.0
         alphas = [right_cut, both_cut, free, left_cut, top_cut]
+        edges = [_touches(a) for a in alphas]
         seen = []
         for s in range(40):
-            members = _draw_group(np.random.default_rng([s]), s % 5, alphas, 1.0)
+            members = _draw_group(np.random.default_rng([s]), s % 5, edges, 1.0)
             assert members is not None and 2 <= len(members) <= 3 and len(set(members)) == len(members)
             assert 1 not in members
             assert 3 not in members[1:] and 0 not in members[:-1]
             seen += members
             frame = _draw_group_frame(np.random.default_rng([s]), [alphas[m] for m in members],
-                                      [f"p{m}" for m in members], 160, 0.0)
+                                      [f"p{m}" for m in members], [edges[m] for m in members], 160, 0.0)
             assert (frame["offset"][0] == 0) == (members[0] == 3)
             tallest = max(alphas[m].shape[0] for m in members)
             for m, placed in zip(members, frame["group"], strict=True):
                 if m == 4:
                     assert placed["y"] == 0 and placed["size"][1] == tallest and frame["offset"][1] == 0
         assert {0, 2, 3, 4} <= set(seen)
-        assert _draw_group(np.random.default_rng(0), 0, alphas, 0.0) is None
-        assert _draw_group(np.random.default_rng(0), 0, alphas[:1], 1.0) is None
+        assert _draw_group(np.random.default_rng(0), 0, edges, 0.0) is None
+        assert _draw_group(np.random.default_rng(0), 0, edges[:1], 1.0) is None
 
     def test_alpha_mass_follows_the_geometry(self, tmp_path: Path) -> None:
         """Checked independently of the helpers: an uncropped, unmounted case keeps the source's mean

@@ -216,21 +216,22 @@ def _touches(alpha: Alpha) -> dict[str, bool]:
             "right": bool(alpha[:, -2:].max() > 0.5)}
 
 
-def _draw_group(rng: Rng, index: int, alphas: list[Alpha], groups: float) -> list[int] | None:
+def _draw_group(rng: Rng, index: int, edges: list[dict[str, bool]], groups: float) -> list[int] | None:
     """Source indices of a group, left to right, or None: 2–3 different portraits, taken in turn from the case's
     own on (the case's name is the leftmost's).
 
     A person cut by the left or right edge of their portrait can only stand at that end of the group, with
-    the cut on the canvas's edge; portraits that cannot be placed so are passed over."""
-    if groups <= 0 or len(alphas) < 2 or rng.random() >= groups:
+    the cut on the canvas's edge; portraits that cannot be placed so are passed over. ``edges``: each source's
+    ``_touches``."""
+    if groups <= 0 or len(edges) < 2 or rng.random() >= groups:
         return None
     k = int(rng.integers(2, 4))
     left: int | None = None
     right: int | None = None
     middle: list[int] = []
-    for j in range(len(alphas)):
-        i = (index + j) % len(alphas)
-        t = _touches(alphas[i])
+    for j in range(len(edges)):
+        i = (index + j) % len(edges)
+        t = edges[i]
         if t["left"] and t["right"]:
             continue
         if t["left"] and left is None:
@@ -258,9 +259,9 @@ def _person_cols(alpha: Alpha) -> tuple[int, int]:
     return max(0, c0 - margin), min(w, c1 + margin)
 
 
-def _draw_group_frame(rng: Rng, alphas: list[Alpha], names: list[str], max_side: int, border: float) -> Recipe:
+def _draw_group_frame(rng: Rng, alphas: list[Alpha], names: list[str], touches: list[dict[str, bool]],
+                      max_side: int, border: float) -> Recipe:
     tallest = max(a.shape[0] for a in alphas)
-    touches = [_touches(a) for a in alphas]
     members: list[Recipe] = []
     x = right = 0.0
     for name, a, t in zip(names, alphas, touches, strict=True):
@@ -339,6 +340,7 @@ def make_cases(
         raise ValueError(f"groups must be a probability in [0, 1], got {groups}")
     sources = load_pairs(data_dir)
     order = np.random.default_rng([seed, 0x6B696E64]).permutation(len(BACKDROPS))
+    edges = [_touches(s.alpha) for s in sources] if groups > 0 else []
     work: dict[str, tuple[Alpha, F32]] = {}  # per portrait: working alpha and foreground
     cases = []
 
@@ -359,11 +361,11 @@ def make_cases(
         # Groups and the framing's padding draw from streams of their own, so the cases that have neither
         # are those of earlier versions.
         group_rng = np.random.default_rng([seed, index, 0x67726F7570])
-        members = _draw_group(group_rng, index, [s.alpha for s in sources], groups)
+        members = _draw_group(group_rng, index, edges, groups)
         if members is not None:
             parts = [working(sources[m]) for m in members]
             frame = _draw_group_frame(group_rng, [p[0] for p in parts], [sources[m].name for m in members],
-                                      max_side, border)
+                                      [edges[m] for m in members], max_side, border)
             a, group_fg = _group_layers([p[0] for p in parts], [p[1] for p in parts], frame)
             assert group_fg is not None
             fg = group_fg
