@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bshm_watchd.engine.factory import _rvm
-from bshm_watchd.engine.fusion import FusionMatter, FusionParams
+from bshm_watchd.engine.fusion import FusionMatter, FusionParams, _overlap, _trust
 from bshm_watchd.modelstore import ModelStore, default_model_dir
 
 SIDE = 96
@@ -46,9 +46,11 @@ UNSURE = np.full((SIDE, SIDE), 0.5, np.float32)
 SCAN = np.full((SIDE, SIDE, 3), 90, np.uint8)
 
 
-def fused(sem: np.ndarray, fine: np.ndarray, matting: np.ndarray | None, params: FusionParams = BARE) -> np.ndarray:
+def fused(sem: np.ndarray, fine: np.ndarray, matting: np.ndarray | None, params: FusionParams = BARE,
+          large: np.ndarray | None = None) -> np.ndarray:
     third = Fixed(matting) if matting is not None else None
-    out: np.ndarray = FusionMatter(Fixed(sem), Fixed(fine), params, refine=False, matting=third).predict(SCAN)
+    out: np.ndarray = FusionMatter(Fixed(sem), Fixed(fine), params, refine=False, matting=third,
+                                   matting_large=Fixed(large) if large is not None else None).predict(SCAN)
     return out
 
 
@@ -104,16 +106,63 @@ class TestMattingVoice:
         assert third.calls == sem.calls == 2
 
 
+def soft_box(y0: int, y1: int, x0: int, x1: int, ramp: int) -> np.ndarray:
+    """A box whose edge is a linear ramp ``ramp`` px wide on each side (uncertain pixels: lower trust)."""
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
+    dist = np.minimum.reduce([yy - y0, y1 - 1 - yy, xx - x0, x1 - 1 - xx])
+    return np.clip(0.5 + dist / (2 * ramp), 0.0, 1.0).astype(np.float32)
+
+
+class TestLargerCopy:
+    """rvm answers on its usual copy and on a larger one; the larger answer is its voice where it is more
+    trusted and agrees, or where the usual one found no one."""
+
+    SEM = box(20, 90, 30, 66)
+
+    def test_a_surer_answer_on_the_same_person_is_taken(self) -> None:
+        """The usual copy has the sitter with soft edges (trust 0.55) and no arm; the larger one is sure of both
+        (IoU 0.85): the arm is in the matte with the larger copy, not without it, nor with ``matting_large``
+        off."""
+        usual, large = soft_box(20, 90, 30, 66, 3), box(20, 90, 30, 66) + box(40, 50, 66, 86)
+        with_large = fused(self.SEM, UNSURE, usual, large=large)
+        assert with_large[45, 80] > 0.99 and with_large[60, 48] > 0.99
+        assert np.array_equal(with_large, fused(self.SEM, UNSURE, large))
+        assert fused(self.SEM, UNSURE, usual)[45, 80] < 0.01
+        off = fused(self.SEM, UNSURE, usual, replace(BARE, matting_large=False), large=large)
+        assert np.array_equal(off, fused(self.SEM, UNSURE, usual))
+
+    def test_a_more_trusted_answer_elsewhere_is_not_taken(self) -> None:
+        """The larger copy is sure of a region the usual answer barely overlaps (a print, a backdrop): the
+        usual answer stays; with the agreement bar at 0 it would be taken."""
+        usual, elsewhere = soft_box(20, 90, 30, 66, 3), box(10, 90, 20, 90)
+        assert _overlap(usual, elsewhere) < BARE.matting_large_agree and _trust(usual) > BARE.matting_large_failed
+        assert np.array_equal(fused(self.SEM, UNSURE, usual, large=elsewhere), fused(self.SEM, UNSURE, usual))
+        taken = fused(self.SEM, UNSURE, usual, replace(BARE, matting_large_agree=0.0), large=elsewhere)
+        assert np.array_equal(taken, fused(self.SEM, UNSURE, elsewhere))
+
+    def test_where_the_usual_answer_failed_the_larger_one_is_taken(self) -> None:
+        """The usual copy found no one (all mid-grey, trust 0); the larger one found the sitter."""
+        found = box(40, 90, 40, 60)
+        with_large = fused(self.SEM, UNSURE, UNSURE, large=found)
+        assert np.array_equal(with_large, fused(self.SEM, UNSURE, found))
+        assert not np.array_equal(with_large, fused(self.SEM, UNSURE, UNSURE))
+
+    def test_a_less_trusted_larger_answer_leaves_the_usual(self) -> None:
+        usual, vaguer = soft_box(20, 90, 30, 66, 2), soft_box(20, 90, 30, 66, 3)
+        assert np.array_equal(fused(self.SEM, UNSURE, usual, large=vaguer), fused(self.SEM, UNSURE, usual))
+
+
 class TestFactory:
     def test_fusion_runs_without_rvm_where_it_is_not_installed(self, tmp_path: Path) -> None:
         """An empty model folder: no matting voice (the fusion is then selfie + isnet, as before rvm)."""
-        assert _rvm(ModelStore(tmp_path), "cpu", None) is None
+        assert _rvm(ModelStore(tmp_path), "cpu", None) == (None, None)
 
     def test_rvm_is_loaded_where_it_is_installed(self) -> None:
         store = ModelStore(default_model_dir())
         if not store.file_for("rvm").is_file():
             pytest.skip("rvm is not installed here (`bshm-watchd models fetch rvm`)")
-        matter = _rvm(store, "cpu", None)
-        assert matter is not None and matter.name == "rvm"
-        alpha = matter.predict(np.full((64, 48, 3), 128, np.uint8))
-        assert alpha.shape == (64, 48) and alpha.dtype == np.float32
+        matter, large = _rvm(store, "cpu", None)
+        assert matter is not None and matter.name == "rvm" and large is not None
+        for m in (matter, large):
+            alpha = m.predict(np.full((64, 48, 3), 128, np.uint8))
+            assert alpha.shape == (64, 48) and alpha.dtype == np.float32

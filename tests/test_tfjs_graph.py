@@ -465,3 +465,34 @@ def test_downsample_ratio() -> None:
     assert downsample_ratio(1080, 1920) == pytest.approx(0.3)
     assert downsample_ratio(240, 320) == pytest.approx(0.8)
     assert downsample_ratio(100, 200) == 1.0
+
+
+def test_downsample_ratio_for_a_side() -> None:
+    """With a side, the ratio that brings the longer side to it, never above 1."""
+    assert downsample_ratio(683, 1024, 768) == pytest.approx(0.75)
+    assert downsample_ratio(1920, 1080, 768) == pytest.approx(0.4)
+    assert downsample_ratio(240, 320, 768) == 1.0
+
+
+@pytest.mark.models
+@pytest.mark.skipif(RVM_ZIP is None, reason="the rvm model is not fetched (bshm-watchd models fetch rvm)")
+def test_rvm_at_a_side_shares_the_network() -> None:
+    """``at_side`` runs the same loaded graph with its encoder on a copy of that side; the original keeps its
+    ratio."""
+    assert RVM_ZIP is not None
+    matter = RvmMatter(RVM_ZIP)
+    large = matter.at_side(768)
+    assert large._graph is matter._graph and matter.side is None and large.side == 768
+    ratios: list[float] = []
+    run = matter._graph.run
+
+    def spy(feeds: Any, outputs: Any) -> Any:
+        ratios.append(float(feeds["downsample_ratio"]))
+        return run(feeds, outputs)
+
+    matter._graph.run = spy  # type: ignore[method-assign]
+    rgb = _test_image(683, 1024)
+    small_alpha, large_alpha = matter.predict(rgb), large.predict(rgb)
+    assert ratios == [pytest.approx(0.3), pytest.approx(0.75)]
+    assert large_alpha.shape == small_alpha.shape == (683, 1024)
+    assert 0.1 < (large_alpha > 0.5).mean() < 0.6

@@ -56,8 +56,9 @@ def build_matter(name: str, store: ModelStore, *, device: str = "auto", threads:
     if name == "fusion":
         from bshm_watchd.engine.fusion import FusionMatter
 
+        rvm, rvm_large = _rvm(store, dev, threads)
         return FusionMatter(build_matter("selfie", store, device=dev, threads=threads),
-                            _isnet(store, dev, threads, cpu_runtime), matting=_rvm(store, dev, threads))
+                            _isnet(store, dev, threads, cpu_runtime), matting=rvm, matting_large=rvm_large)
     if name == "bshm":
         from bshm_watchd.engine.bshm_tf import BshmMatter
 
@@ -66,16 +67,18 @@ def build_matter(name: str, store: ModelStore, *, device: str = "auto", threads:
     raise ModelError(f"unknown model {name!r}")
 
 
-def _rvm(store: ModelStore, device: str, threads: int | None) -> Matter | None:
-    """The fusion's human matting model, or None (with a warning) where it or torch is not installed: the
-    fusion then runs on selfie and isnet alone, as before rvm was added."""
+def _rvm(store: ModelStore, device: str, threads: int | None) -> tuple[Matter | None, Matter | None]:
+    """The fusion's human matting model, and the same network on its larger copy (``RVM_LARGE_SIDE``); or
+    (None, None), with a warning, where it or torch is not installed: the fusion then runs on selfie and isnet
+    alone, as before rvm was added."""
     try:
         path = store.path("rvm")
-        from bshm_watchd.engine.rvm import RvmMatter
+        from bshm_watchd.engine.rvm import RVM_LARGE_SIDE, RvmMatter
     except (ModelError, ImportError) as exc:
         log.warning("fusion_without_rvm", reason=str(exc))
-        return None
-    return RvmMatter(path, device=device, threads=threads)
+        return None, None
+    rvm = RvmMatter(path, device=device, threads=threads)
+    return rvm, rvm.at_side(RVM_LARGE_SIDE)
 
 
 def _isnet(store: ModelStore, device: str, threads: int | None, cpu_runtime: str) -> Matter:

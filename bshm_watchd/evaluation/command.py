@@ -44,6 +44,7 @@ def ablations(fused: Matter) -> list[tuple[str, Matter]]:
     p = fused.params
     plain = replace(p, prefer_fine=(1.01, 0.0), small_base=(0.0, 1.01))  # no base-choice exception applies
     variants = [("no base rules", plain, True), ("no rvm", replace(p, matting=False), True),
+                ("no large rvm copy", replace(p, matting_large=False), True),
                 ("no mounts", replace(p, mounts=False), True), ("no strokes", replace(p, strokes=False), True),
                 ("no denoise", replace(p, denoise=False), True),
                 ("no half denoise", replace(p, denoise_half=0.0), True),
@@ -58,7 +59,8 @@ def ablations(fused: Matter) -> list[tuple[str, Matter]]:
                 ("pick only", replace(plain, mounts=False, strokes=False, denoise=False, stretch=False, tiles=False,
                                       crop_below=0.0, fill=False, cut=False, gate=False, extend=False,
                                       complete=False, prune=False, steepen=1.0, matting=False), False)]
-    return [(f"fusion {name}", FusionMatter(fused.semantic, fused.fine, params, refine=refine, matting=fused.matting))
+    return [(f"fusion {name}", FusionMatter(fused.semantic, fused.fine, params, refine=refine, matting=fused.matting,
+                                            matting_large=fused.matting_large))
             for name, params, refine in variants]
 
 
