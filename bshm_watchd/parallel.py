@@ -34,6 +34,7 @@ from typing import Any
 from bshm_watchd.config import Profile
 from bshm_watchd.decode import DEFAULT_MAX_PIXELS
 from bshm_watchd.engine.base import RGB8, Alpha, Matter
+from bshm_watchd.heap import HeapTrimmer
 from bshm_watchd.stages import (
     Failed,
     Prepared,
@@ -156,6 +157,8 @@ class ScanPipeline:
         self.peak_inflight = 0
         self.batches: list[int] = []
         """Size of every inference batch run, for bench and tests."""
+        self.heap = HeapTrimmer()
+        """Returns the heap's freed holes to the system after inference, when RSS has grown (``heap``)."""
 
     # -- public API --
     @property
@@ -309,6 +312,7 @@ class ScanPipeline:
             alphas: list[Alpha | BaseException] = list(self.matter.predict_batch(images))
         except Exception as exc:  # one scan's failure (or CUDA OOM on the batch) must not fail its neighbours
             alphas = [exc] if len(batch) == 1 else [self._predict_one(im) for im in images]
+        self.heap()
         per_scan = (time.perf_counter() - t0) * 1000.0 / len(batch)
         self.batches.append(len(batch))
         for item, alpha in zip(batch, alphas, strict=True):
