@@ -520,10 +520,11 @@ class TestAblation:
             def predict(self, rgb: np.ndarray) -> np.ndarray:
                 return np.full(rgb.shape[:2], 0.5, np.float32)
 
-        sem, fine, third = Flat(), Flat(), Flat()
-        fused = FusionMatter(sem, fine, FusionParams(), matting=third)
+        sem, fine, third, large = Flat(), Flat(), Flat(), Flat()
+        fused = FusionMatter(sem, fine, FusionParams(), matting=third, matting_large=large)
         variants = dict(ablations(fused))
-        assert list(variants) == ["fusion no base rules", "fusion no rvm", "fusion no mounts", "fusion no strokes",
+        assert list(variants) == ["fusion no base rules", "fusion no rvm", "fusion no large rvm copy",
+                                  "fusion no mounts", "fusion no strokes",
                                   "fusion no denoise",
                                   "fusion no half denoise", "fusion no stretch", "fusion no tiles",
                                   "fusion no people crop",
@@ -533,7 +534,10 @@ class TestAblation:
                                   "fusion pick only"]
         for v in variants.values():
             assert isinstance(v, FusionMatter) and v.semantic is sem and v.fine is fine and v.matting is third
+            assert v.matting_large is large
         assert not variants["fusion no rvm"].params.matting and variants["fusion no rvm"].params.mounts
+        no_large = variants["fusion no large rvm copy"].params
+        assert not no_large.matting_large and no_large.matting and fused.params.matting_large
         assert not variants["fusion no mounts"].params.mounts and variants["fusion no mounts"].params.fill
         assert not variants["fusion no band refine"].refine and variants["fusion no band refine"].params == fused.params
         pick = variants["fusion pick only"]

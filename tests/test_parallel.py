@@ -223,6 +223,20 @@ class TestBounds:
         assert all(r.ok for r in results)
         assert matter.batches == [4, 4] == pipe.batches
 
+    def test_the_heap_is_checked_after_every_batch(self, tmp_path: Path, cfg: Config, profile: Profile) -> None:
+        """The trimmer runs once per inference batch, and trims where RSS has grown past its slack (here
+        always: slack 0, a fake trim)."""
+        from bshm_watchd.heap import HeapTrimmer
+
+        src = tmp_path / "in"
+        write_scans(src, 8)
+        trims: list[int] = []
+        with ScanPipeline(FakeMatter(batch_size=4), workers=2, max_inflight=8) as pipe:
+            pipe.heap = HeapTrimmer(0.0, trim=lambda: trims.append(1), rss=lambda: 1000.0 + 10 * len(trims))
+            results = list(pipe.run(tasks_for(src, tmp_path / "out", profile, cfg)))
+        assert all(r.ok for r in results)
+        assert len(trims) == pipe.heap.trims == len(pipe.batches) == 2
+
     @pytest.mark.parametrize("kw", [{"workers": -1}, {"batch_size": -2}, {"max_inflight": -1}, {"worker_nice": 40}])
     def test_bad_arguments_refused(self, kw: dict[str, Any]) -> None:
         """Nonsensical sizes are refused at construction, not discovered mid-run."""
