@@ -27,6 +27,7 @@ import numpy as np
 from bshm_watchd.config import Profile, default_config, load_config
 from bshm_watchd.engine.base import Matter
 from bshm_watchd.errors import ConfigError
+from bshm_watchd.heap import rss_mb
 from bshm_watchd.parallel import ScanPipeline, ScanResult, ScanTask
 
 STAGES = ("read", "decode", "analysis", "matting", "redecode", "refine", "write")
@@ -56,14 +57,7 @@ def _descendants(pid: int) -> list[int]:
 def tree_rss_mb(pid: int | None = None) -> float:
     """Resident memory of a process and all its descendants, summed (0 where /proc is missing)."""
     root = pid or os.getpid()
-    total = 0
-    for p in [root, *_descendants(root)]:
-        try:
-            with open(f"/proc/{p}/statm", encoding="ascii") as fh:
-                total += int(fh.read().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return sum(rss_mb(p) for p in [root, *_descendants(root)])
 
 
 def hwm_mb(pid: int) -> float:

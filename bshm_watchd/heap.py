@@ -23,10 +23,10 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
-def rss_mb() -> float:
-    """This process's resident memory (0 where /proc is missing)."""
+def rss_mb(pid: int | str = "self") -> float:
+    """A process's resident memory, this one's by default (0 where /proc is missing or the process is gone)."""
     try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as fh:
             pages = int(fh.read().split()[1])
     except (OSError, IndexError, ValueError):
         return 0.0
